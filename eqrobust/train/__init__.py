@@ -1,0 +1,1 @@
+"""Training loops: supervised, adversarial, EP."""
