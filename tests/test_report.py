@@ -1,0 +1,227 @@
+"""Tests for the report writer: files, sections, schema, seed aggregation."""
+
+import copy
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from eqrobust import evaluation, report
+
+
+def _model(name, seed, *, ep=False, masked=False, rng=None):
+    """A hand-written per-model results dict with the shape `evaluate_classifier` returns."""
+    rng = np.random.default_rng(seed) if rng is None else rng
+    jitter = lambda: float(rng.uniform(-0.02, 0.02))
+    clean = 0.9 + jitter()
+    attacks = {}
+    for a, spec in evaluation.ATTACKS.items():
+        values = (
+            [0.07, 0.31, 0.49, 1.0] if spec.norm == "l2" else [1 / 255, 3 / 255, 5 / 255, 8 / 255]
+        )
+        if spec.param == "c":
+            values = [0.005, 0.01, 0.1, 1.0]
+        acc = [max(0.0, clean - 0.2 * (i + 1) + jitter()) for i in range(4)]
+        if masked and a == "pgd_linf":
+            acc = [clean] * 4
+        attacks[a] = dict(
+            label=spec.label,
+            norm=spec.norm,
+            box=spec.box,
+            param=spec.param,
+            values=values,
+            accuracy=acc,
+            n=500 if a in ("pgd_l2", "pgd_linf") else 200,
+            settings=dict(steps=20),
+            large=dict(value=10.0, accuracy=0.0, n=200),
+        )
+    m = dict(
+        name=name,
+        seed=seed,
+        num_test=10000,
+        clean=dict(accuracy=clean, n=10000),
+        gradient=dict(
+            mode="exact",
+            gradient_depth=None,
+            prediction_depth=30 if ep else None,
+            matches_prediction=True,
+        ),
+        attacks=attacks,
+        corruptions=dict(
+            n=500,
+            severities=[1, 2, 3, 4, 5],
+            accuracy={
+                c: [clean - 0.05 * s for s in range(1, 6)] for c in ("gaussian_noise", "fog")
+            },
+            per_severity=[clean - 0.05 * s for s in range(1, 6)],
+            mean=clean - 0.15,
+        ),
+        ep=None,
+        seconds=dict(clean=1.0, pgd_l2=2.0),
+        masking_comparisons=[
+            dict(
+                attack="pgd_linf",
+                value=v,
+                white_accuracy=attacks["pgd_linf"]["accuracy"][i],
+                black_accuracy=attacks["square_linf"]["accuracy"][i],
+                n=200,
+            )
+            for i, v in enumerate(attacks["pgd_linf"]["values"])
+        ],
+        convergence_runs=[],
+        gallery=dict(
+            attack="pgd_l2",
+            eps=1.5,
+            clean=rng.uniform(size=(3, 8, 8, 1)),
+            adversarial=rng.uniform(size=(3, 8, 8, 1)),
+            labels=[0, 1, 2],
+            pred_clean=[0, 1, 2],
+            pred_adversarial=[1, 1, 0],
+        ),
+    )
+    if ep:
+        m["ep"] = dict(
+            prediction_depth=30,
+            free_phase=dict(
+                steps=list(range(1, 31)),
+                accuracy=[min(clean, 0.1 + 0.05 * t) for t in range(30)],
+                n=500,
+            ),
+            attack_depth=dict(
+                attack="pgd_l2",
+                values=[0.31, 1.0],
+                n=100,
+                variants=[
+                    dict(
+                        mode="bptt",
+                        gradient_depth=t,
+                        prediction_depth=30,
+                        matches_prediction=t == 30,
+                        accuracy=[0.6 + jitter(), 0.2 + jitter()],
+                    )
+                    for t in (5, 10, 30)
+                ]
+                + [
+                    dict(
+                        mode="implicit",
+                        gradient_depth=None,
+                        prediction_depth=30,
+                        matches_prediction=True,
+                        accuracy=[0.5, 0.1],
+                    )
+                ],
+            ),
+        )
+    m["mean_robustness"] = evaluation.mean_robustness(m)
+    m["health"] = evaluation.health_checks(m, evaluation.default_config())
+    return m
+
+
+def _results(seeds=(0,)):
+    models = []
+    for s in seeds:
+        models += [_model("EP-CNN", s, ep=True), _model("BP-CNN", s, masked=True)]
+    return dict(
+        schema_version=evaluation.SCHEMA_VERSION,
+        meta=dict(
+            dataset="fashion_mnist", scale="cpu", notes=["a note"], timing={"train EP-CNN": 300.0}
+        ),
+        models=models,
+    )
+
+
+def test_report_files_and_sections(tmp_path):
+    paths = report.write_report(_results(), str(tmp_path))
+    for key in ("attacks", "corruptions", "free_phase", "attack_depth"):
+        assert os.path.getsize(paths[key]) > 1000, key
+    galleries = sorted(p for p in os.listdir(tmp_path) if p.startswith("gallery_"))
+    assert galleries == ["gallery_bp_cnn_seed0.png", "gallery_ep_cnn_seed0.png"]
+    md = open(paths["report"]).read()
+    for section in (
+        "## Examples evaluated",
+        "## Summary",
+        "## Adversarial attacks",
+        "### PGD-L2",
+        "### PGD-Linf",
+        "### AutoAttack-Linf",
+        "### Square-Linf",
+        "### C&W-L2",
+        "## Natural corruptions",
+        "## EP analyses",
+        "accuracy along the free phase",
+        "robust accuracy vs attack-gradient path",
+        "## Health checks",
+        "## Perturbation gallery",
+        "## Time budget",
+    ):
+        assert section in md, section
+    for f in list(report.PLOTS.values()) + galleries:
+        assert f"]({f})" in md, f
+    # Subsets are never silent.
+    assert "**subset: 500 of 10000 test images**" in md
+    assert "**subset: 200 of 10000 test images**" in md
+    # The masked BP-CNN (PGD-Linf == clean, above Square) fails (b), shown beside its cells.
+    assert "possible gradient masking" in md
+    assert "⚠b" in md and "**FAIL**" in md
+    # The EP bptt rows shallower than T are flagged (d) in the attack-depth table.
+    assert md.count("NO ⚠d") == 2
+
+
+def test_results_json_schema(tmp_path):
+    paths = report.write_report(_results(), str(tmp_path))
+    js = json.load(open(paths["json"]))
+    report.validate_results(js)
+    assert js["models"][0]["gallery"]["file"] == "gallery_ep_cnn_seed0.png"
+    assert "clean" not in js["models"][0]["gallery"]  # arrays are not in the JSON
+    ids = {c["id"] for c in js["models"][1]["health"]}
+    assert ids == {"a", "b", "d"}
+
+    broken = copy.deepcopy(js)
+    del broken["models"][0]["clean"]
+    with pytest.raises(ValueError, match=r"models\[0\]: missing key 'clean'"):
+        report.validate_results(broken)
+    broken = copy.deepcopy(js)
+    broken["models"][1]["attacks"]["pgd_l2"]["accuracy"][0] = 1.5
+    with pytest.raises(ValueError, match="outside"):
+        report.validate_results(broken)
+    broken = copy.deepcopy(js)
+    broken["models"][1]["health"] = [c for c in broken["models"][1]["health"] if c["id"] != "d"]
+    with pytest.raises(ValueError, match=r"\(d\) missing"):
+        report.validate_results(broken)
+    broken = copy.deepcopy(js)
+    broken["models"][0]["attacks"]["cw_l2"]["values"].pop()
+    with pytest.raises(ValueError, match="strengths"):
+        report.validate_results(broken)
+
+
+def test_mean_ci():
+    mean, half = report.mean_ci([0.5, 0.6, 0.7])
+    # t_{0.975, 2} = 4.302652729911275 (tables); std = 0.1.
+    assert mean == pytest.approx(0.6)
+    assert half == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))
+    assert report.mean_ci([0.4]) == (0.4, None)
+
+
+def test_several_seeds_show_ci(tmp_path):
+    res = _results(seeds=(0, 1, 2))
+    report.write_report(res, str(tmp_path))
+    md = open(tmp_path / "report.md").read()
+    assert "mean ± 95 % CI" in md
+    header, rows = report.summary_rows(res)
+    assert [r[0] for r in rows] == ["EP-CNN", "BP-CNN"]
+    clean = [m["clean"]["accuracy"] for m in res["models"] if m["name"] == "EP-CNN"]
+    m, h = report.mean_ci(clean)
+    assert rows[0][1] == f"{m:.3f}±{h:.3f}"
+    # One gallery per run.
+    assert len([p for p in os.listdir(tmp_path) if p.startswith("gallery_")]) == 6
+
+
+def test_no_ep_model_says_so(tmp_path):
+    res = _results()
+    res["models"] = [res["models"][1]]
+    paths = report.write_report(res, str(tmp_path))
+    md = open(paths["report"]).read()
+    assert "No model with free-phase dynamics" in md
+    assert "free_phase" not in paths
