@@ -1,0 +1,646 @@
+"""Fixed-point engine: Picard/Anderson/Broyden, per-example convergence, three gradient modes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax import lax
+
+PyTree = Any
+
+# Added to ||f(z)|| in the relative residual so that a zero fixed point can still converge.
+_EPS = 1e-9
+
+_METHODS = ("picard", "anderson", "broyden")
+_GRADS = ("implicit", "unrolled", "phantom", "none")
+_STOPS = ("converged", "never")
+_LOWEST = ("example", "batch", "last")
+_METHOD_OPTIONS = {
+    "picard": {},
+    "anderson": {"memory": 5, "lam": 1e-4, "beta": 1.0},
+    "broyden": {"memory": None},
+}
+_GRAD_OPTIONS = {
+    "implicit": {
+        "backward_method": None,
+        "backward_tol": None,
+        "backward_max_steps": None,
+        "backward_options": None,
+    },
+    "phantom": {"grad_steps": 5, "grad_damping": 0.5},
+    "unrolled": {},
+    "none": {},
+}
+
+
+class Trajectory(NamedTuple):
+    """The first N iterates of a solve.
+
+    Attributes:
+        z: pytree like the state, each leaf ``[N, B, ...]``; ``z[i]`` is the iterate after ``i + 1``
+            solver steps (examples that already stopped repeat their final iterate).
+        residual: ``[N, B]`` relative residual of each recorded iterate.
+    """
+
+    z: PyTree
+    residual: jax.Array
+
+
+class Solution(NamedTuple):
+    """Result of :func:`solve`.
+
+    Attributes:
+        z: pytree like ``z0`` (leaves ``[B, ...]``): the returned fixed-point estimate (the last
+            iterate for Picard, the lowest-residual iterate for Anderson/Broyden by default).
+        steps: ``[B]`` int32, solver steps applied to each example (f-evaluations are steps + 1).
+        residual: ``[B]`` relative residual ``||f(z)-z|| / (||f(z)|| + eps)`` of the returned ``z``.
+        converged: ``[B]`` bool, ``residual < tol``.
+        trajectory: :class:`Trajectory` when ``record > 0``, else ``None``.
+    """
+
+    z: PyTree
+    steps: jax.Array
+    residual: jax.Array
+    converged: jax.Array
+    trajectory: Trajectory | None
+
+
+class ConvergenceError(RuntimeError):
+    """Raised by :func:`check_converged` when examples did not reach the tolerance."""
+
+
+# ----------------------------------------------------------------------------- pytree helpers
+
+
+def _batch_size(z: PyTree) -> int:
+    leaves = jax.tree.leaves(z)
+    if not leaves:
+        raise ValueError("solve: z0 must be a pytree with at least one array leaf.")
+    sizes = set()
+    for leaf in leaves:
+        if jnp.ndim(leaf) < 1:
+            raise ValueError(
+                "solve: every leaf of z0 needs a leading batch axis [B, ...]; got a scalar leaf. "
+                "Add a batch axis (z[None]) for a single example."
+            )
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise ValueError(
+                f"solve: z0 leaves must be floating point, got dtype {jnp.result_type(leaf)}."
+            )
+        sizes.add(jnp.shape(leaf)[0])
+    if len(sizes) != 1:
+        raise ValueError(
+            f"solve: all leaves of z0 must share the batch size B; got {sorted(sizes)}."
+        )
+    return sizes.pop()
+
+
+def _bmask(mask: jax.Array, x: jax.Array) -> jax.Array:
+    """Reshape a [B] mask to broadcast against x [B, ...]."""
+    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+
+
+def _select(mask: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """Per example: ``new`` where mask else ``old`` (old kept bitwise)."""
+    return jax.tree.map(lambda a, b: jnp.where(_bmask(mask, a), a, b), new, old)
+
+
+def _sqnorm(z: PyTree) -> jax.Array:
+    """Per-example squared norm [B] of a pytree with leaves [B, ...]."""
+    leaves = jax.tree.leaves(z)
+    return sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1) for x in leaves)
+
+
+def _rel_residual(fz: PyTree, z: PyTree) -> jax.Array:
+    """Per-example ``||f(z) - z|| / (||f(z)|| + eps)`` [B]."""
+    diff = jax.tree.map(jnp.subtract, fz, z)
+    return jnp.sqrt(_sqnorm(diff)) / (jnp.sqrt(_sqnorm(fz)) + _EPS)
+
+
+def _batch_rel_residual(fz: PyTree, z: PyTree) -> jax.Array:
+    """Batch-global ``||F(Z) - Z|| / (||F(Z)|| + eps)`` (the DEQ reference's norm), scalar."""
+    diff = jax.tree.map(jnp.subtract, fz, z)
+    return jnp.sqrt(jnp.sum(_sqnorm(diff))) / (jnp.sqrt(jnp.sum(_sqnorm(fz))) + _EPS)
+
+
+class _Flat(NamedTuple):
+    """How to map a state pytree to per-example vectors [B, D] and back."""
+
+    treedef: Any
+    shapes: tuple  # per-leaf shape without the batch axis
+    dtypes: tuple
+    dtype: Any
+
+    @classmethod
+    def of(cls, z: PyTree) -> _Flat:
+        leaves, treedef = jax.tree.flatten(z)
+        return cls(
+            treedef,
+            tuple(tuple(x.shape[1:]) for x in leaves),
+            tuple(x.dtype for x in leaves),
+            jnp.result_type(*leaves),
+        )
+
+    def flatten(self, z: PyTree) -> jax.Array:
+        leaves = jax.tree.leaves(z)
+        b = leaves[0].shape[0]
+        return jnp.concatenate([x.reshape(b, -1).astype(self.dtype) for x in leaves], axis=1)
+
+    def unflatten(self, w: jax.Array) -> PyTree:
+        """w: [..., D] -> pytree with leaves [..., *shape]."""
+        lead = w.shape[:-1]
+        sizes = [math.prod(s) for s in self.shapes]
+        cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+        parts = jnp.split(w, cuts, axis=-1)
+        leaves = [
+            p.reshape(lead + s).astype(d)
+            for p, s, d in zip(parts, self.shapes, self.dtypes, strict=True)
+        ]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+# ----------------------------------------------------------------------------- method steps
+# Each method works on a "working state" w (the pytree itself for Picard, per-example vectors
+# [B, D] for Anderson/Broyden) and carries (w, F(w)) plus its own buffers, all with leading axis B
+# so that frozen examples can be masked uniformly.
+
+
+def _picard_init(w0, fw0, opts):
+    del w0, fw0, opts
+    return ()
+
+
+def _picard_step(F, w, fw, mstate, i, opts):
+    del i
+    d = opts["damping"]
+    if d == 0.0:
+        w_new = fw  # exactly f(z): the EP free phase, bitwise equal to a plain loop
+    else:
+        w_new = jax.tree.map(lambda a, b: (1.0 - d) * a + d * b, fw, w)
+    return w_new, F(w_new), mstate
+
+
+def _anderson_init(w0, fw0, opts):
+    m = opts["memory"]
+    b, dim = w0.shape
+    xs = jnp.zeros((b, m, dim), w0.dtype).at[:, 0].set(w0)
+    fs = jnp.zeros((b, m, dim), w0.dtype).at[:, 0].set(fw0)
+    return (xs, fs)
+
+
+def _anderson_step(F, w, fw, mstate, i, opts):
+    """Anderson acceleration (type II) over the last min(i+1, m) iterates, per example."""
+    del w, fw
+    xs, fs = mstate
+    m, lam, beta = opts["memory"], opts["lam"], opts["beta"]
+    dtype = xs.dtype
+    valid = jnp.arange(m) < jnp.minimum(i + 1, m)  # [m] slots holding past iterates
+    vf = valid.astype(dtype)
+    g = fs - xs  # [B, m, D]
+    gg = jnp.einsum("bmd,bnd->bmn", g, g) * (vf[:, None] * vf[None, :])
+    # Regularise relative to the residual scale, so lam means the same near and far from z*.
+    scale = jnp.trace(gg, axis1=1, axis2=2) / jnp.sum(vf)  # [B]
+    reg = lam * scale + jnp.sqrt(jnp.finfo(dtype).tiny)
+    eye = jnp.eye(m, dtype=dtype)
+    inner = gg + reg[:, None, None] * eye * vf + eye * (1.0 - vf)  # unused slots: identity rows
+    b = xs.shape[0]
+    h = jnp.zeros((b, m + 1, m + 1), dtype)
+    h = h.at[:, 0, 1:].set(vf).at[:, 1:, 0].set(vf).at[:, 1:, 1:].set(inner)
+    rhs = jnp.zeros((b, m + 1), dtype).at[:, 0].set(1.0)
+    alpha = jnp.linalg.solve(h, rhs[..., None])[:, 1:, 0]  # [B, m], sums to 1 over valid slots
+    w_new = beta * jnp.einsum("bm,bmd->bd", alpha, fs)
+    if beta != 1.0:
+        w_new = w_new + (1.0 - beta) * jnp.einsum("bm,bmd->bd", alpha, xs)
+    fw_new = F(w_new)
+    slot = (i + 1) % m
+    xs = lax.dynamic_update_index_in_dim(xs, w_new, slot, 1)
+    fs = lax.dynamic_update_index_in_dim(fs, fw_new, slot, 1)
+    return w_new, fw_new, (xs, fs)
+
+
+def _broyden_init(w0, fw0, opts):
+    del fw0
+    m = opts["memory"]
+    b, dim = w0.shape
+    # Inverse Jacobian estimate of g(z) = f(z) - z is  B = -I + sum_j u_j v_j^T  (zero slots add 0).
+    return (jnp.zeros((b, m, dim), w0.dtype), jnp.zeros((b, m, dim), w0.dtype))
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den with 0 where den is ~0 or not finite (double where: no NaN in gradients)."""
+    ok = jnp.isfinite(den) & (jnp.abs(den) > jnp.finfo(den.dtype).tiny)
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def _broyden_step(F, w, fw, mstate, i, opts):
+    """Good Broyden on g(z) = f(z) - z with rank-1 inverse-Jacobian updates (DEQ reference)."""
+    us, vs = mstate  # [B, m, D] each
+    m = opts["memory"]
+    g = fw - w
+
+    def matvec(x):  # B x
+        return -x + jnp.einsum("bmd,bm->bd", us, jnp.einsum("bmd,bd->bm", vs, x))
+
+    def rmatvec(x):  # x^T B
+        return -x + jnp.einsum("bmd,bm->bd", vs, jnp.einsum("bmd,bd->bm", us, x))
+
+    dx = -matvec(g)  # the first step (B = -I) is the Picard step z + g = f(z)
+    w_new = w + dx
+    fw_new = F(w_new)
+    dg = (fw_new - w_new) - g
+    vt = rmatvec(dx)
+    den = jnp.sum(vt * dg, axis=1, keepdims=True)
+    u = _safe_div(dx - matvec(dg), den)
+    vt = jnp.where(jnp.isfinite(vt), vt, 0.0)
+    slot = i % m  # circular buffer: the oldest update is dropped once full (limited memory)
+    us = lax.dynamic_update_index_in_dim(us, u, slot, 1)
+    vs = lax.dynamic_update_index_in_dim(vs, vt, slot, 1)
+    return w_new, fw_new, (us, vs)
+
+
+_STEPS = {
+    "picard": (_picard_init, _picard_step),
+    "anderson": (_anderson_init, _anderson_step),
+    "broyden": (_broyden_init, _broyden_step),
+}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Carry(NamedTuple):
+    i: jax.Array  # scalar int32, iterations done
+    w: PyTree  # current iterate
+    fw: PyTree  # F(current iterate)
+    res: jax.Array  # [B] residual of the current iterate
+    steps: jax.Array  # [B]
+    done: jax.Array  # [B]
+    best_w: PyTree  # lowest-residual iterate (None for lowest="last")
+    best_res: jax.Array | None
+    best_batch: jax.Array | None  # scalar, lowest batch-global residual (lowest="batch")
+    traj_w: PyTree
+    traj_res: jax.Array | None
+    mstate: Any
+
+
+def _write(buf: jax.Array, idx: jax.Array, val: jax.Array) -> jax.Array:
+    """buf[idx] = val if idx < len(buf) else unchanged."""
+    n = buf.shape[0]
+    j = jnp.minimum(idx, n - 1)
+    val = jnp.where(idx < n, val, lax.dynamic_index_in_dim(buf, j, 0, keepdims=False))
+    return lax.dynamic_update_index_in_dim(buf, val, j, 0)
+
+
+def _run(F, w0, *, method, max_steps, tol, record, stop, lowest, opts, unrolled):
+    """Iterate ``F`` from ``w0``; returns (w, steps, residual, traj_w, traj_res)."""
+    init_m, step_m = _STEPS[method]
+    fw0 = F(w0)
+    res0 = _rel_residual(fw0, w0)
+    b = res0.shape[0]
+    track = lowest != "last"
+    carry = _Carry(
+        i=jnp.zeros((), jnp.int32),
+        w=w0,
+        fw=fw0,
+        res=res0,
+        steps=jnp.zeros((b,), jnp.int32),
+        done=res0 < tol,
+        best_w=w0 if track else None,
+        best_res=res0 if track else None,
+        best_batch=_batch_rel_residual(fw0, w0) if lowest == "batch" else None,
+        traj_w=jax.tree.map(lambda x: jnp.zeros((record,) + x.shape, x.dtype), w0)
+        if record
+        else None,
+        traj_res=jnp.zeros((record, b), res0.dtype) if record else None,
+        mstate=init_m(w0, fw0, opts),
+    )
+
+    def step(c: _Carry) -> _Carry:
+        active = ~c.done if stop == "converged" else jnp.ones_like(c.done)
+        w_new, fw_new, m_new = step_m(F, c.w, c.fw, c.mstate, c.i, opts)
+        res_new = _rel_residual(fw_new, w_new)
+        w, fw, res, mstate = _select(
+            active, (w_new, fw_new, res_new, m_new), (c.w, c.fw, c.res, c.mstate)
+        )
+        best_w, best_res, best_batch = c.best_w, c.best_res, c.best_batch
+        if lowest == "example":
+            better = res < best_res
+            best_w, best_res = _select(better, (w, res), (best_w, best_res))
+        elif lowest == "batch":
+            r = _batch_rel_residual(fw, w)
+            better = jnp.broadcast_to(r < best_batch, res.shape)
+            best_w, best_res = _select(better, (w, res), (best_w, best_res))
+            best_batch = jnp.minimum(r, best_batch)
+        traj_w, traj_res = c.traj_w, c.traj_res
+        if record:
+            traj_w = jax.tree.map(lambda buf, x: _write(buf, c.i, x), traj_w, w)
+            traj_res = _write(traj_res, c.i, res)
+        return _Carry(
+            i=c.i + 1,
+            w=w,
+            fw=fw,
+            res=res,
+            steps=c.steps + active.astype(jnp.int32),
+            done=res < tol,
+            best_w=best_w,
+            best_res=best_res,
+            best_batch=best_batch,
+            traj_w=traj_w,
+            traj_res=traj_res,
+            mstate=mstate,
+        )
+
+    def keep_going(c: _Carry) -> jax.Array:
+        more = c.i < max_steps
+        if stop == "converged":
+            more = more & ~jnp.all(c.done)
+        return more
+
+    if unrolled:
+        # lax.while_loop is not reverse-differentiable: scan over max_steps, skipping the work
+        # once every example has stopped (cond is differentiable; masked examples pass through).
+        def body(c, _):
+            return lax.cond(keep_going(c), step, lambda c: c, c), None
+
+        carry, _ = lax.scan(body, carry, None, length=max_steps)
+    else:
+        carry = lax.while_loop(keep_going, step, carry)
+
+    w, res = (carry.best_w, carry.best_res) if track else (carry.w, carry.res)
+    traj_w, traj_res = carry.traj_w, carry.traj_res
+    if record:
+        # Slots after the loop ended hold the (frozen) final iterate.
+        filled = jnp.arange(record) < carry.i
+        traj_w = jax.tree.map(
+            lambda buf, x: jnp.where(_bmask(filled, buf), buf, x[None]), traj_w, carry.w
+        )
+        traj_res = jnp.where(filled[:, None], traj_res, carry.res[None])
+    return w, carry.steps, res, traj_w, traj_res
+
+
+def _solve_nodiff(
+    f, z0, args, *, method, max_steps, tol, damping, record, stop, lowest, opts, unrolled
+):
+    """Run the engine on pytree z0 (vectorising per example for Anderson/Broyden)."""
+    opts = dict(opts, damping=damping)
+    if method == "picard":
+        F = lambda w: f(w, args)
+        w, steps, res, traj_w, traj_res = _run(
+            F,
+            z0,
+            method=method,
+            max_steps=max_steps,
+            tol=tol,
+            record=record,
+            stop=stop,
+            lowest=lowest,
+            opts=opts,
+            unrolled=unrolled,
+        )
+        return w, steps, res, traj_w, traj_res
+    flat = _Flat.of(z0)
+    F = lambda w: flat.flatten(f(flat.unflatten(w), args))
+    w, steps, res, traj_w, traj_res = _run(
+        F,
+        flat.flatten(z0),
+        method=method,
+        max_steps=max_steps,
+        tol=tol,
+        record=record,
+        stop=stop,
+        lowest=lowest,
+        opts=opts,
+        unrolled=unrolled,
+    )
+    traj = flat.unflatten(traj_w) if record else None
+    return flat.unflatten(w), steps, res, traj, traj_res
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check_options(method: str, grad: str, options: dict, max_steps: int) -> tuple[dict, dict]:
+    allowed_m, allowed_g = _METHOD_OPTIONS[method], _GRAD_OPTIONS[grad]
+    unknown = set(options) - set(allowed_m) - set(allowed_g)
+    if unknown:
+        raise ValueError(
+            f"solve: unknown option(s) {sorted(unknown)} for method={method!r}, grad={grad!r}; "
+            f"allowed: {sorted(set(allowed_m) | set(allowed_g))}."
+        )
+    mopts = {k: options.get(k, v) for k, v in allowed_m.items()}
+    gopts = {k: options.get(k, v) for k, v in allowed_g.items()}
+    if method == "anderson":
+        if not (isinstance(mopts["memory"], int) and mopts["memory"] >= 1):
+            raise ValueError(
+                f"solve: anderson memory must be an int >= 1, got {mopts['memory']!r}."
+            )
+        if mopts["lam"] < 0 or not 0 < mopts["beta"] <= 1:
+            raise ValueError("solve: anderson needs lam >= 0 and 0 < beta <= 1.")
+    if method == "broyden":
+        mem = mopts["memory"]
+        mopts["memory"] = min(max_steps, 32) if mem is None else mem
+        if not (isinstance(mopts["memory"], int) and mopts["memory"] >= 1):
+            raise ValueError(f"solve: broyden memory must be an int >= 1, got {mem!r}.")
+    if grad == "phantom":
+        k, lam = gopts["grad_steps"], gopts["grad_damping"]
+        if not (isinstance(k, int) and k >= 1) or not 0 < lam <= 1:
+            raise ValueError(
+                f"solve: phantom needs grad_steps int >= 1 and 0 < grad_damping <= 1; got {k!r}, "
+                f"{lam!r}."
+            )
+    return mopts, gopts
+
+
+def solve(
+    f: Callable[[PyTree, PyTree], PyTree],
+    z0: PyTree,
+    args: PyTree,
+    *,
+    method: str = "picard",
+    max_steps: int = 50,
+    tol: float = 1e-4,
+    damping: float = 0.0,
+    record: int = 0,
+    grad: str = "implicit",
+    stop: str = "converged",
+    lowest: str | None = None,
+    **method_options: Any,
+) -> Solution:
+    """Find ``z* = f(z*, args)`` per example, as one compiled loop.
+
+    Each example stops changing (bitwise) once its relative residual
+    ``||f(z)-z|| / (||f(z)|| + 1e-9)`` is below ``tol``; the loop ends when all examples have
+    converged or after ``max_steps`` steps. ``f`` must act on each example independently (no
+    coupling across the batch axis, e.g. no batch statistics), since examples are frozen and their
+    backward problems solved independently.
+
+    Args:
+        f: ``f(z, args) -> z`` with the same pytree structure, shapes and dtypes as ``z``.
+        z0: initial state, pytree of floating arrays with leading batch axis ``[B, ...]``.
+        args: pytree of parameters/inputs; gradients of ``sol.z`` flow to it (never to ``z0``
+            except for ``grad="unrolled"``). Differentiable quantities must be passed here, not
+            closed over by ``f``.
+        method: ``"picard"`` (``z <- (1-damping) f(z) + damping z``), ``"anderson"`` (options
+            ``memory=5``, ``lam=1e-4`` (relative to the mean squared residual), ``beta=1.0``) or
+            ``"broyden"`` (option ``memory``: rank-1 updates kept, default ``min(max_steps, 32)``).
+        max_steps: maximum solver steps (f-evaluations are at most ``max_steps + 1``).
+        tol: relative-residual tolerance.
+        damping: Picard damping in ``[0, 1)``; only for ``method="picard"``.
+        record: keep the first ``record`` iterates in ``sol.trajectory`` (fixed-size buffer).
+        grad: ``"implicit"`` (IFT via custom_vjp; options ``backward_method``, ``backward_tol``,
+            ``backward_max_steps``, ``backward_options`` default to the forward ones),
+            ``"unrolled"`` (BPTT through exactly the steps taken), ``"phantom"`` (``grad_steps=5``
+            damped steps ``z <- (1-lam) z + lam f(z)`` from the detached ``z*`` with
+            ``grad_damping=lam=0.5``; the forward value stays ``z*``) or ``"none"``.
+        stop: ``"converged"`` (per-example stopping) or ``"never"`` (exactly ``max_steps`` steps
+            for every example, the papers' fixed T).
+        lowest: which iterate is returned: ``"last"`` (default for Picard), ``"example"`` (lowest
+            residual per example; default for Anderson/Broyden) or ``"batch"`` (the iterate with the
+            lowest batch-global residual, as in the DEQ reference code).
+        **method_options: the method and gradient options named above.
+
+    Returns:
+        :class:`Solution`. ``steps``/``residual``/``converged`` carry no gradient; the trajectory
+        is differentiable only for ``grad="unrolled"``.
+
+    Raises:
+        ValueError: for unknown names or options, or a malformed ``z0``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"solve: unknown method {method!r}; expected one of {_METHODS}.")
+    if grad not in _GRADS:
+        raise ValueError(f"solve: unknown grad {grad!r}; expected one of {_GRADS}.")
+    if stop not in _STOPS:
+        raise ValueError(f"solve: unknown stop {stop!r}; expected one of {_STOPS}.")
+    if lowest is None:
+        lowest = "last" if method == "picard" else "example"
+    if lowest not in _LOWEST:
+        raise ValueError(f"solve: unknown lowest {lowest!r}; expected one of {_LOWEST}.")
+    if not (isinstance(max_steps, int) and max_steps >= 1):
+        raise ValueError(f"solve: max_steps must be an int >= 1, got {max_steps!r}.")
+    if not (isinstance(record, int) and record >= 0):
+        raise ValueError(f"solve: record must be an int >= 0, got {record!r}.")
+    if not tol > 0:
+        raise ValueError(f"solve: tol must be > 0, got {tol!r}.")
+    if not 0.0 <= damping < 1.0:
+        raise ValueError(f"solve: damping must be in [0, 1), got {damping!r}.")
+    if damping != 0.0 and method != "picard":
+        raise ValueError(
+            f"solve: damping applies to method='picard' only; {method!r} uses its own options "
+            "(anderson: beta)."
+        )
+    _batch_size(z0)
+    mopts, gopts = _check_options(method, grad, method_options, max_steps)
+
+    common = dict(
+        method=method,
+        max_steps=max_steps,
+        tol=tol,
+        damping=damping,
+        record=record,
+        stop=stop,
+        lowest=lowest,
+        opts=mopts,
+    )
+    if grad == "unrolled":
+        z, steps, res, traj_z, traj_res = _solve_nodiff(f, z0, args, unrolled=True, **common)
+    else:
+        z_sg, args_sg = lax.stop_gradient((z0, args))
+        z, steps, res, traj_z, traj_res = _solve_nodiff(f, z_sg, args_sg, unrolled=False, **common)
+        z = lax.stop_gradient(z)
+        traj_z = lax.stop_gradient(traj_z)
+        if grad == "phantom":
+            z = _phantom(f, z, args, gopts["grad_steps"], gopts["grad_damping"])
+        elif grad == "implicit":
+            bwd = dict(
+                method=gopts["backward_method"] or method,
+                tol=gopts["backward_tol"] or tol,
+                max_steps=gopts["backward_max_steps"] or max_steps,
+                options=gopts["backward_options"] or {},
+            )
+            if bwd["method"] not in _METHODS:
+                raise ValueError(f"solve: unknown backward_method {bwd['method']!r}.")
+            bm, _ = _check_options(bwd["method"], "none", bwd["options"], bwd["max_steps"])
+            bwd["options"] = bm
+            z = _attach_implicit(f, z, args, bwd)
+    steps, res = lax.stop_gradient((steps, res))
+    traj = Trajectory(traj_z, lax.stop_gradient(traj_res)) if record else None
+    return Solution(z=z, steps=steps, residual=res, converged=res < tol, trajectory=traj)
+
+
+def _phantom(f, z_star, args, k, lam):
+    """Forward value z*, gradient of k damped steps from stop_gradient(z*)."""
+    z = z_star
+    for _ in range(k):  # k is small and static (5 in the DEQ reference)
+        z = jax.tree.map(lambda a, b: (1.0 - lam) * a + lam * b, z, f(z, args))
+    # Straight-through: exactly z* forward (z - sg(z) == 0), phantom derivative backward.
+    return jax.tree.map(lambda s, p: s + (p - lax.stop_gradient(p)), z_star, z)
+
+
+def _attach_implicit(f, z_star, args, bwd):
+    """Identity on z* whose VJP w.r.t. args is the implicit-function-theorem gradient."""
+
+    @jax.custom_vjp
+    def attach(z, a):
+        return z
+
+    def fwd(z, a):
+        return z, (z, a)
+
+    def backward(resid, g):
+        z, a = resid
+        _, vjp_z = jax.vjp(lambda zz: f(zz, a), z)
+        # u = g + (df/dz)^T u, a linear fixed point per example, solved by the same engine.
+        h = lambda u, gg: jax.tree.map(jnp.add, gg, vjp_z(u)[0])
+        u, *_ = _solve_nodiff(
+            h,
+            g,
+            g,
+            method=bwd["method"],
+            max_steps=bwd["max_steps"],
+            tol=bwd["tol"],
+            damping=0.0,
+            record=0,
+            stop="converged",
+            lowest="last" if bwd["method"] == "picard" else "example",
+            opts=bwd["options"],
+            unrolled=False,
+        )
+        _, vjp_a = jax.vjp(lambda aa: f(z, aa), a)
+        (ga,) = vjp_a(u)
+        return jax.tree.map(jnp.zeros_like, z), ga
+
+    attach.defvjp(fwd, backward)
+    return attach(z_star, args)
+
+
+def check_converged(sol: Solution, *, raise_error: bool = False) -> bool:
+    """Report unconverged examples of a (concrete, not traced) :class:`Solution`.
+
+    Args:
+        sol: result of :func:`solve`.
+        raise_error: raise :class:`ConvergenceError` instead of logging a warning.
+
+    Returns:
+        True when every example converged.
+    """
+    conv = jax.device_get(sol.converged)
+    res = jax.device_get(sol.residual)
+    steps = jax.device_get(sol.steps)
+    if conv.all():
+        return True
+    frac = 1.0 - float(conv.mean())
+    msg = (
+        f"fixed-point solve: {frac:.1%} of {conv.size} examples unconverged; worst relative "
+        f"residual {float(res.max()):.3e} after up to {int(steps.max())} steps. Increase "
+        "max_steps, use method='anderson'/'broyden', or check that f is contractive."
+    )
+    if raise_error:
+        raise ConvergenceError(msg)
+    logging.warning(msg)
+    return False

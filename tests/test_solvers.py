@@ -1,0 +1,298 @@
+"""Tests for the fixed-point engine (eqrobust.solvers): float64 maps with known fixed points."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from eqrobust import solvers
+
+METHODS = ("picard", "anderson", "broyden")
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+# ----------------------------------------------------------------------------- test maps
+
+
+def linear_problem(batch=4, dim=8, top=0.95, seed=0):
+    """z = s_b A z + W x_b with symmetric A (eigenvalues in [-0.5, top]); z* known exactly.
+
+    Returns f, args = (A, W, x [B, 3], s [B]) and z* [B, dim] for s = 1.
+    """
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    eig = np.linspace(-0.5, top, dim)
+    a = (q * eig) @ q.T
+    w = rng.normal(size=(dim, 3))
+    x = rng.normal(size=(batch, 3))
+    args = (jnp.asarray(a), jnp.asarray(w), jnp.asarray(x), jnp.ones((batch,)))
+    zstar = np.linalg.solve(np.eye(dim) - a, w @ x.T).T
+    return linear_map, args, zstar
+
+
+def linear_map(z, args):
+    a, w, x, s = args
+    return s[:, None] * (z @ a.T) + x @ w.T
+
+
+def conv_map(z, args):
+    """A small nonlinear conv fixed point on a two-leaf pytree state.
+
+    z: {"h": [B, 6, 6, 2], "y": [B, 3]}; args = (k [3, 3, 2, 2], m [2, 3], x [B, 6, 6, 2]).
+    Contractive: tanh is 1-Lipschitz and sum|k| <= 0.9, ||m|| small.
+    """
+    k, m, x = args
+    conv = jax.lax.conv_general_dilated(
+        z["h"], k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    h = jnp.tanh(conv + x)
+    y = jnp.tanh(0.3 * z["y"] + jnp.mean(h, axis=(1, 2)) @ m)
+    return {"h": h, "y": y}
+
+
+def conv_problem(batch=3, seed=1, gain=0.9):
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(3, 3, 2, 2))
+    k = gain * k / np.abs(k).sum(axis=(0, 1, 2)).max()  # induced l_inf norm <= gain
+    m = 0.5 * rng.normal(size=(2, 3))
+    x = rng.normal(size=(batch, 6, 6, 2))
+    args = (jnp.asarray(k), jnp.asarray(m), jnp.asarray(x))
+    z0 = {"h": jnp.zeros((batch, 6, 6, 2)), "y": jnp.zeros((batch, 3))}
+    return conv_map, z0, args
+
+
+def reference_fixed_point(f, z0, args, n=3000):
+    """Plain iteration (not the engine) far past convergence."""
+    return jax.jit(lambda z: jax.lax.fori_loop(0, n, lambda _, z: f(z, args), z))(z0)
+
+
+def tree_max_abs_diff(a, b):
+    return max(
+        float(jnp.max(jnp.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def tree_assert_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------- Picard
+
+
+def test_picard_linear_reaches_tol_and_fixed_point():
+    f, args, zstar = linear_problem()
+    sol = solvers.solve(f, jnp.zeros_like(zstar), args, max_steps=1000, tol=1e-10, grad="none")
+    assert bool(sol.converged.all())
+    assert float(sol.residual.max()) < 1e-10
+    # Residual is the relative residual of the returned z.
+    np.testing.assert_allclose(sol.residual, solvers._rel_residual(f(sol.z, args), sol.z))
+    np.testing.assert_allclose(sol.z, zstar, atol=1e-8)
+    assert sol.steps.dtype == jnp.int32 and sol.trajectory is None
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_picard_record_matches_python_loop(damping):
+    f, args, _ = linear_problem()
+    z0 = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8)))
+    n = 12
+    sol = solvers.solve(
+        f, z0, args, max_steps=n, damping=damping, record=n, stop="never", grad="none"
+    )
+    fj = jax.jit(f)
+    z, iterates = z0, []
+    for _ in range(n):
+        z = (1 - damping) * fj(z, args) + damping * z if damping else fj(z, args)
+        iterates.append(z)
+    iterates = np.stack(iterates)
+    assert sol.trajectory.z.shape == (n, 4, 8) and sol.trajectory.residual.shape == (n, 4)
+    if damping == 0.0:
+        np.testing.assert_array_equal(sol.trajectory.z, iterates)  # the EP free phase, bitwise
+    else:
+        np.testing.assert_allclose(sol.trajectory.z, iterates, rtol=1e-14, atol=1e-14)
+    np.testing.assert_array_equal(sol.z, sol.trajectory.z[-1])
+    np.testing.assert_array_equal(sol.residual, sol.trajectory.residual[-1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_recording_does_not_change_results(method):
+    f, z0, args = conv_problem()
+    kw = dict(method=method, max_steps=40, tol=1e-9, grad="none")
+    a = solvers.solve(f, z0, args, **kw)
+    b = solvers.solve(f, z0, args, record=7, **kw)
+    tree_assert_equal(a.z, b.z)
+    tree_assert_equal((a.steps, a.residual), (b.steps, b.residual))
+    assert b.trajectory.z["h"].shape == (7, 3, 6, 6, 2)
+
+
+def test_stop_never_runs_exactly_max_steps():
+    f, args, zstar = linear_problem()
+    t = 250
+    sol = solvers.solve(f, jnp.zeros_like(zstar), args, max_steps=t, stop="never", grad="none")
+    np.testing.assert_array_equal(sol.steps, t)
+    z = jax.jit(lambda z: jax.lax.fori_loop(0, t, lambda _, z: f(z, args), z))(
+        jnp.zeros_like(zstar)
+    )
+    np.testing.assert_allclose(sol.z, z, rtol=1e-13, atol=1e-13)
+    # With stopping enabled the same problem takes fewer steps.
+    early = solvers.solve(f, jnp.zeros_like(zstar), args, max_steps=t, tol=1e-4, grad="none")
+    assert int(early.steps.max()) < t
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_example_masking_freezes_converged_examples(method):
+    f, args, zstar = linear_problem(batch=4)
+    a, w, x, _ = args
+    s = jnp.array([0.1, 1.0, 0.2, 1.0])  # easy, hard, easy, hard
+    n, tol = 500, 1e-8
+    sol = solvers.solve(
+        f,
+        jnp.zeros_like(zstar),
+        (a, w, x, s),
+        method=method,
+        max_steps=n,
+        tol=tol,
+        record=n,
+        grad="none",
+    )
+    assert bool(sol.converged.all())
+    steps = np.asarray(sol.steps)
+    assert steps[0] < steps[1] and steps[2] < steps[3], steps
+    traj = np.asarray(sol.trajectory.z)
+    for b in range(4):
+        k = steps[b]
+        # Bitwise frozen from the step it converged on, and that iterate is what is returned.
+        np.testing.assert_array_equal(
+            traj[k - 1 :, b], np.broadcast_to(traj[k - 1, b], traj[k - 1 :, b].shape)
+        )
+        np.testing.assert_array_equal(np.asarray(sol.z)[b], traj[k - 1, b])
+        assert sol.trajectory.residual[k - 1, b] < tol
+        if k > 1:
+            assert sol.trajectory.residual[k - 2, b] >= tol
+    # Easy examples reach the same fixed point as when solved alone.
+    alone = solvers.solve(
+        f,
+        jnp.zeros((1, 8)),
+        (a, w, x[:1], s[:1]),
+        method=method,
+        max_steps=n,
+        tol=tol,
+        grad="none",
+    )
+    assert int(alone.steps[0]) == steps[0]
+    np.testing.assert_allclose(alone.z[0], sol.z[0], rtol=1e-12, atol=1e-12)
+
+
+def test_check_converged_reports_unconverged(caplog):
+    f, args, zstar = linear_problem()
+    a, w, x, _ = args
+    s = jnp.array([0.1, 1.0, 0.1, 0.1])
+    sol = solvers.solve(
+        f, jnp.zeros_like(zstar), (a, w, x, s), max_steps=20, tol=1e-10, grad="none"
+    )
+    np.testing.assert_array_equal(sol.converged, [True, False, True, True])
+    assert not solvers.check_converged(sol)
+    with pytest.raises(solvers.ConvergenceError, match=r"25\.0% of 4 examples unconverged"):
+        solvers.check_converged(sol, raise_error=True)
+    good = solvers.solve(f, jnp.zeros_like(zstar), args, max_steps=2000, tol=1e-6, grad="none")
+    assert solvers.check_converged(good, raise_error=True)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _loss(method, grad, **kw):
+    f, z0, _ = conv_problem()
+
+    def loss(args):
+        z = solvers.solve(f, z0, args, method=method, grad=grad, **kw).z
+        return jnp.sum(jnp.sin(z["h"])) + jnp.sum(z["y"] ** 2)
+
+    return loss
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_implicit_gradient_matches_finite_differences(method):
+    _, _, args = conv_problem()
+    loss = _loss(method, "implicit", max_steps=300, tol=1e-12)
+    check_grads(loss, (args,), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_implicit_matches_unrolled_on_converged_map(method):
+    _, _, args = conv_problem()
+    gi = jax.grad(_loss(method, "implicit", max_steps=300, tol=1e-12))(args)
+    gu = jax.grad(_loss(method, "unrolled", max_steps=300, tol=1e-12))(args)
+    for a, b in zip(jax.tree.leaves(gi), jax.tree.leaves(gu), strict=True):
+        rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+        assert rel < 1e-4, rel
+
+
+def test_phantom_approaches_implicit():
+    _, _, args = conv_problem()
+    gi = jax.grad(_loss("picard", "implicit", max_steps=300, tol=1e-12))(args)
+    errs = []
+    for k in (1, 4, 16, 64):
+        gp = jax.grad(_loss("picard", "phantom", max_steps=300, tol=1e-12, grad_steps=k))(args)
+        errs.append(
+            max(
+                float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+                for a, b in zip(jax.tree.leaves(gi), jax.tree.leaves(gp), strict=True)
+            )
+        )
+    assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:], strict=False)), errs
+    assert errs[-1] < 1e-3, errs
+
+
+def test_phantom_forward_value_is_fixed_point():
+    f, z0, args = conv_problem()
+    a = solvers.solve(f, z0, args, grad="phantom", tol=1e-8, max_steps=100)
+    b = solvers.solve(f, z0, args, grad="none", tol=1e-8, max_steps=100)
+    tree_assert_equal(a.z, b.z)
+
+
+@pytest.mark.parametrize("grad", ["implicit", "unrolled", "phantom"])
+def test_jit_and_vmap(grad):
+    f, z0, args = conv_problem()
+    k, m, x = args
+    kw = dict(max_steps=200, tol=1e-10, grad=grad)
+
+    def per_example(xb):
+        z = solvers.solve(f, jax.tree.map(lambda t: t[:1], z0), (k, m, xb[None]), **kw).z
+        return jnp.sum(jnp.tanh(z["h"])) + jnp.sum(z["y"])
+
+    batched = solvers.solve(f, z0, args, **kw).z
+    vz = jax.jit(
+        jax.vmap(
+            lambda xb: solvers.solve(f, jax.tree.map(lambda t: t[:1], z0), (k, m, xb[None]), **kw).z
+        )
+    )(x)
+    assert tree_max_abs_diff(jax.tree.map(lambda t: t[:, 0], vz), batched) < 1e-9
+    # Per-example input gradients, one compiled program.
+    gx = jax.jit(jax.vmap(jax.grad(per_example)))(x)
+    ref = jax.grad(lambda xx: sum(per_example(xx[i]) for i in range(3)))(x)
+    np.testing.assert_allclose(gx, ref, rtol=1e-6, atol=1e-9)
+
+
+def test_invalid_inputs_raise():
+    f, args, zstar = linear_problem()
+    z0 = jnp.zeros_like(zstar)
+    with pytest.raises(ValueError, match="unknown method"):
+        solvers.solve(f, z0, args, method="newton")
+    with pytest.raises(ValueError, match="unknown grad"):
+        solvers.solve(f, z0, args, grad="adjoint")
+    with pytest.raises(ValueError, match="unknown option"):
+        solvers.solve(f, z0, args, method="picard", memory=3)
+    with pytest.raises(ValueError, match="damping"):
+        solvers.solve(f, z0, args, method="anderson", damping=0.5)
+    with pytest.raises(ValueError, match="batch size"):
+        solvers.solve(f, {"a": z0, "b": jnp.zeros((3, 2))}, args)
+    with pytest.raises(ValueError, match="floating"):
+        solvers.solve(f, jnp.zeros((4, 8), jnp.int32), args)
