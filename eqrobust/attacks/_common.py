@@ -1,0 +1,149 @@
+"""Shared helpers of the attacks: input checks, norms, projections, random starts, results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+NORMS = ("linf", "l2")
+
+
+class AttackResult(NamedTuple):
+    """Result of a gradient attack (PGD, APGD, FAB, C&W).
+
+    Attributes:
+        x_adv: [B, H, W, C] adversarial images (the clean image where an example was not attacked).
+        success: [B] bool, the example is misclassified at x_adv (and was attacked).
+        iterations: [B] int32, gradient iterations spent on the example.
+    """
+
+    x_adv: jax.Array
+    success: jax.Array
+    iterations: jax.Array
+
+
+def check_inputs(x: jax.Array, y: jax.Array, who: str) -> tuple[jax.Array, jax.Array]:
+    """Validates an attack's batch and returns (x float, y int32).
+
+    Args:
+        x: [B, H, W, C] float images in [0, 1].
+        y: [B] int labels.
+        who: the attack's name for error messages.
+    """
+    x = jnp.asarray(x)
+    y = jnp.asarray(y)
+    if x.ndim != 4:
+        raise ValueError(f"{who} expects images [B, H, W, C] (NHWC), got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{who} expects float images in [0, 1], got dtype {x.dtype}")
+    if y.shape != (x.shape[0],) or not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(
+            f"{who} expects int labels [B] = [{x.shape[0]}], "
+            f"got shape {tuple(y.shape)} dtype {y.dtype}"
+        )
+    if not isinstance(x, jax.core.Tracer):
+        lo, hi = float(jnp.min(x)), float(jnp.max(x))
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"{who} expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+    return x, y.astype(jnp.int32)
+
+
+def check_norm(norm: str, who: str) -> str:
+    """Returns the lower-cased norm name or raises ValueError."""
+    n = str(norm).lower()
+    if n not in NORMS:
+        raise ValueError(f"{who}: norm must be one of {NORMS}, got {norm!r}")
+    return n
+
+
+def check_eps(eps: float, who: str) -> float:
+    """Raises ValueError unless eps is a positive number."""
+    if not isinstance(eps, jax.core.Tracer) and not float(eps) > 0:
+        raise ValueError(f"{who}: eps must be > 0, got {eps}")
+    return eps
+
+
+def active_mask(active: jax.Array | None, batch: int) -> jax.Array:
+    """[B] bool mask of the examples to attack (all when None)."""
+    if active is None:
+        return jnp.ones((batch,), bool)
+    active = jnp.asarray(active, bool)
+    if active.shape != (batch,):
+        raise ValueError(f"active must be a [B] = [{batch}] bool mask, got {tuple(active.shape)}")
+    return active
+
+
+def bcast(v: jax.Array) -> jax.Array:
+    """[B] -> [B, 1, 1, 1] for broadcasting against images."""
+    return v.reshape((-1, 1, 1, 1))
+
+
+def where_b(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Per-example select: mask [B], a and b [B, ...]."""
+    return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+
+def l2(v: jax.Array) -> jax.Array:
+    """Per-example L2 norm: [B, H, W, C] -> [B]."""
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2, 3)))
+
+
+def linf(v: jax.Array) -> jax.Array:
+    """Per-example Linf norm: [B, H, W, C] -> [B]."""
+    return jnp.max(jnp.abs(v), axis=(1, 2, 3))
+
+
+def dist(v: jax.Array, norm: str) -> jax.Array:
+    """Per-example norm of a perturbation [B, H, W, C] -> [B]."""
+    return linf(v) if norm == "linf" else l2(v)
+
+
+def project(x_adv: jax.Array, x: jax.Array, eps: jax.Array, norm: str) -> jax.Array:
+    """Projects x_adv onto the eps-ball around x intersected with [0, 1].
+
+    Clipping to [0, 1] after the ball projection only shrinks every coordinate of the
+    perturbation (x is in [0, 1]), so the result stays inside the ball.
+    """
+    if norm == "linf":
+        x_adv = jnp.clip(x_adv, x - eps, x + eps)
+    else:
+        delta = x_adv - x
+        n = l2(delta)
+        delta = delta * bcast(jnp.minimum(1.0, eps / (n + 1e-12)))
+        x_adv = x + delta
+    return jnp.clip(x_adv, 0.0, 1.0)
+
+
+def normalized_step(g: jax.Array, norm: str) -> jax.Array:
+    """Steepest-ascent direction of unit norm: sign(g) for Linf, g / ||g||_2 for L2."""
+    if norm == "linf":
+        return jnp.sign(g)
+    return g / bcast(l2(g) + 1e-12)
+
+
+def misclassified(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """[B, K], [B] -> [B] bool: argmax differs from y."""
+    return jnp.argmax(logits, axis=-1) != y
+
+
+def loss_and_grad(logits_fn: LogitsFn, objective: Callable[[jax.Array], jax.Array]):
+    """x -> ((per-example objective [B], logits [B, K]), gradient of the summed objective).
+
+    Summing per-example objectives gives each example its own gradient, because the
+    classifier treats examples independently (eval mode).
+    """
+
+    def f(xa: jax.Array):
+        logits = logits_fn(xa)
+        obj = objective(logits)
+        return jnp.sum(obj), (obj, logits)
+
+    def vg(xa: jax.Array):
+        (_, (obj, logits)), g = jax.value_and_grad(f, has_aux=True)(xa)
+        return obj, logits, g
+
+    return vg

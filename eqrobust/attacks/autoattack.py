@@ -1,0 +1,130 @@
+"""Standard AutoAttack (Croce & Hein, 2020): APGD-CE -> APGD-T -> FAB-T -> Square, worst case."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from eqrobust.attacks import _common as C
+from eqrobust.attacks.apgd import apgd
+from eqrobust.attacks.fab import fab
+from eqrobust.attacks.square import square
+
+# broken_by codes: -1 robust, 0 misclassified clean, j >= 1 broken by COMPONENTS[j - 1].
+COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+class AutoAttackResult(NamedTuple):
+    """Result of AutoAttack.
+
+    Attributes:
+        x_adv: [B, H, W, C] the first successful attack's point (x for robust examples).
+        success: [B] bool, misclassified at x_adv (including clean errors).
+        robust: [B] bool, correctly classified at x and under every component.
+        broken_by: [B] int32, -1 robust, 0 clean error, j >= 1 broken by COMPONENTS[j - 1].
+        clean_correct: [B] bool, correctly classified at x.
+    """
+
+    x_adv: jax.Array
+    success: jax.Array
+    robust: jax.Array
+    broken_by: jax.Array
+    clean_correct: jax.Array
+
+
+def component_kwargs(name: str, *, eps: float, norm: str, num_classes: int) -> dict:
+    """Keyword arguments AutoAttack 'standard' passes to component `name` (besides key, active)."""
+    n_targets = min(9, num_classes - 1)
+    if name == "apgd-ce":
+        return dict(eps=eps, norm=norm, steps=100, loss="ce", restarts=1)
+    if name == "apgd-t":
+        return dict(
+            eps=eps,
+            norm=norm,
+            steps=100,
+            loss="dlr",
+            targeted=True,
+            n_target_classes=n_targets,
+            restarts=1,
+        )
+    if name == "fab-t":
+        return dict(
+            eps=eps, norm=norm, steps=100, targeted=True, n_target_classes=n_targets, restarts=1
+        )
+    if name == "square":
+        return dict(eps=eps, norm=norm, queries=5000, p_init=0.8)
+    raise ValueError(f"unknown AutoAttack component {name!r}; expected one of {COMPONENTS}")
+
+
+def component_fn(name: str):
+    """The attack function of component `name`."""
+    return {"apgd-ce": apgd, "apgd-t": apgd, "fab-t": fab, "square": square}[name]
+
+
+def autoattack(
+    logits_fn: C.LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    key: jax.Array,
+    eps: float,
+    norm: str = "linf",
+    version: str = "standard",
+    active: jax.Array | None = None,
+) -> AutoAttackResult:
+    """Standard AutoAttack: each component attacks only the points that are still robust.
+
+    Component j (1-based, in COMPONENTS order) runs with key `jax.random.fold_in(key, j)` and
+    `component_kwargs`; because every attack is per-example and masks (not gathers) the
+    examples it skips, a point's trajectory in AutoAttack equals its trajectory in the same
+    component run alone on the same batch, so robustness here is pointwise <= each component's.
+    APGD-T and FAB-T need K >= 4 classes for the targeted DLR loss and use min(9, K - 1) targets.
+
+    Args:
+        logits_fn: x [B, H, W, C] -> logits [B, K] (pass the same object each call to reuse
+            compilations).
+        x: [B, H, W, C] clean images in [0, 1].
+        y: [B] int labels.
+        key: PRNG key.
+        eps: threat model radius.
+        norm: "linf" or "l2".
+        version: only "standard" (randomised defences need an EOT version, not implemented).
+        active: optional [B] bool mask of the examples to evaluate (others: robust False,
+            broken_by -1, success False).
+
+    Returns:
+        AutoAttackResult.
+    """
+    if version != "standard":
+        raise ValueError(f"autoattack: only version='standard' is implemented, got {version!r}")
+    x, y = C.check_inputs(x, y, "autoattack")
+    norm = C.check_norm(norm, "autoattack")
+    C.check_eps(eps, "autoattack")
+    k = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[-1]
+    if k < 4:
+        raise ValueError(f"autoattack needs at least 4 classes (targeted DLR), got K = {k}")
+    act = C.active_mask(active, x.shape[0])
+    correct = ~C.misclassified(jax.jit(logits_fn)(x), y)
+    robust = act & correct
+    x_adv = x
+    broken_by = jnp.where(act & ~correct, 0, -1).astype(jnp.int32)
+    for j, name in enumerate(COMPONENTS, start=1):
+        if not bool(jnp.any(robust)):
+            break
+        res = component_fn(name)(
+            logits_fn,
+            x,
+            y,
+            key=jax.random.fold_in(key, j),
+            active=robust,
+            **component_kwargs(name, eps=eps, norm=norm, num_classes=k),
+        )
+        newly = robust & res.success
+        x_adv = C.where_b(newly, res.x_adv, x_adv)
+        broken_by = jnp.where(newly, j, broken_by)
+        robust = robust & ~res.success
+    return AutoAttackResult(
+        x_adv, act & ~robust & (broken_by >= 0), robust, broken_by, act & correct
+    )
