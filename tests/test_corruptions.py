@@ -7,6 +7,8 @@ import colorsys
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
@@ -57,13 +59,34 @@ def test_shape_dtype_range(name):
 @pytest.mark.parametrize("name", CORRUPTIONS)
 def test_deterministic_per_seed(name):
     x = GRAY_F32
-    a = corrupt(x, name, 3, seed=7)
-    np.testing.assert_array_equal(a, corrupt(x, name, 3, seed=7))
-    b = corrupt(x, name, 3, seed=8)
-    if name in C.DETERMINISTIC:
-        np.testing.assert_array_equal(a, b)
-    else:
-        assert np.any(a != b), name
+    for sev in range(1, 6):
+        a = corrupt(x, name, sev, seed=7)
+        np.testing.assert_array_equal(a, corrupt(x, name, sev, seed=7))
+        b = corrupt(x, name, sev, seed=8)
+        if name in C.DETERMINISTIC:
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert np.any(a != b), (name, sev)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(CORRUPTIONS),
+    severity=st.integers(1, 5),
+    n=st.integers(1, 3),
+    h=st.integers(8, 21),
+    w=st.integers(8, 21),
+    c=st.sampled_from([1, 3]),
+    dtype=st.sampled_from([np.uint8, np.float32, np.float64]),
+    seed=st.integers(0, 2**32),
+)
+def test_contract_any_shape(name, severity, n, h, w, c, dtype, seed):
+    x = natural(n, h, w, c, seed=seed % 1000)
+    x = np.round(x * 255).astype(np.uint8) if dtype == np.uint8 else x.astype(dtype)
+    y = corrupt(x, name, severity, seed=seed)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    if dtype != np.uint8:
+        assert np.all(np.isfinite(y)) and y.min() >= 0 and y.max() <= 1
 
 
 def test_jax_keys_as_seeds():
