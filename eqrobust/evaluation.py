@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -62,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     def _attack(values, large, **settings):
         a = ml_collections.ConfigDict()
-        a.values = tuple(values)
+        a.grid = tuple(values)
         a.large = large  # the health-check (a) strength
         a.num_examples = ml_collections.FieldReference(None, field_type=int)
         a.settings = ml_collections.ConfigDict(settings)
@@ -86,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.ep = ml_collections.ConfigDict()
     c.ep.num_examples = ml_collections.FieldReference(None, field_type=int)
     c.ep.attack = "pgd_l2"  # attack run with each gradient variant
-    c.ep.values = (0.31, 0.49, 1.0)
+    c.ep.grid = (0.31, 0.49, 1.0)
 
     c.health = ml_collections.ConfigDict()
     c.health.num_examples = ml_collections.FieldReference(None, field_type=int)
@@ -146,17 +147,34 @@ def _run_chunked(
     return np.concatenate(outs)
 
 
+@functools.lru_cache(maxsize=128)
+def _jitted_argmax(logits_fn: LogitsFn):
+    """One compiled `x -> argmax logits` per logits_fn (reused across calls and chunks)."""
+    return jax.jit(lambda x: jnp.argmax(logits_fn(x), axis=-1))
+
+
 def predict(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 250) -> np.ndarray:
     """Predicted labels of `logits_fn` on `x: [N, H, W, C]` in chunks -> `[N]` int."""
-    fn = jax.jit(lambda xb, yb, k: jnp.argmax(logits_fn(xb), axis=-1))
+    fn = _jitted_argmax(logits_fn)
     y0 = np.zeros(len(x), np.int32)
     return _run_chunked(
-        fn, x, y0, key=jax.random.key(0), batch_size=batch_size, desc="predict", progress=False
+        lambda xb, yb, k: fn(xb),
+        x,
+        y0,
+        key=jax.random.key(0),
+        batch_size=batch_size,
+        desc="predict",
+        progress=False,
     )
 
 
 def _attack_fn(name: str, logits_fn: LogitsFn, value: float, settings: dict[str, Any]):
-    """Returns a jitted `(x, y, key) -> x_adv` for one attack at one strength."""
+    """Returns `(x, y, key) -> x_adv` for one attack at one strength.
+
+    The attacks compile themselves with `logits_fn` static and the strength traced, so one
+    compilation serves every strength of a grid; wrapping them in another jit would recompile
+    per strength.
+    """
     from eqrobust import attacks  # imported lazily: the suite's structure does not need it
 
     s = dict(settings)
@@ -183,7 +201,7 @@ def _attack_fn(name: str, logits_fn: LogitsFn, value: float, settings: dict[str,
 
     else:
         raise ValueError(f"unknown attack {name!r}; expected one of {sorted(ATTACKS)}")
-    return jax.jit(run)
+    return run
 
 
 def _robust_correct(
@@ -207,13 +225,14 @@ def _robust_correct(
     the real prediction (`judge_logits_fn`) at the returned point, never the attack's own flag.
     """
     attack = _attack_fn(name, attack_logits_fn, value, settings)
-    judge = jax.jit(judge_logits_fn)
+    judge = _jitted_argmax(judge_logits_fn)
 
     def fn(xb, yb, k):
         x_adv = attack(xb, yb, k)
-        pred = jnp.argmax(judge(x_adv), axis=-1)
-        return jnp.concatenate(
-            [(pred == yb).astype(x_adv.dtype)[:, None], x_adv.reshape(x_adv.shape[0], -1)], axis=1
+        pred = judge(x_adv)
+        return np.concatenate(
+            [np.asarray(pred == yb, np.float32)[:, None], np.asarray(x_adv).reshape(len(xb), -1)],
+            axis=1,
         )
 
     desc = f"{ATTACKS[name].label} {ATTACKS[name].param}={value:.4g}"
@@ -446,7 +465,7 @@ def evaluate_classifier(
         n = n_of(acfg)
         akey = jax.random.fold_in(key, 1000 + a_i)
         accs = []
-        for v_i, value in enumerate(acfg.values):
+        for v_i, value in enumerate(acfg.grid):
             corr = _robust_correct(
                 classifier.logits_fn,
                 classifier.logits_fn,
@@ -471,7 +490,7 @@ def evaluate_classifier(
             norm=ATTACKS[aname].norm,
             box=ATTACKS[aname].box,
             param=ATTACKS[aname].param,
-            values=[float(v) for v in acfg.values],
+            values=[float(v) for v in acfg.grid],
             accuracy=accs,
             n=n,
             settings=settings,
@@ -695,9 +714,8 @@ def _ep_analyses(
     n = len(x) if n is None else min(int(n), len(x))
     xs, ys = x[:n], y[:n]
     if classifier.trajectory_fn is not None:
-        traj = jax.jit(lambda xb, yb, k: jnp.argmax(classifier.trajectory_fn(xb), -1) == yb[None])
-        # [T, B] per chunk -> move T last to chunk over B.
-        fn = lambda xb, yb, k: traj(xb, yb, k).T
+        traj = _jitted_argmax(classifier.trajectory_fn)  # [T, B]
+        fn = lambda xb, yb, k: (traj(xb) == yb[None]).T  # chunked over B
         corr = _run_chunked(
             fn, xs, ys, key=key, batch_size=config.batch_size, desc="free phase", progress=False
         )
@@ -714,7 +732,7 @@ def _ep_analyses(
         rows = []
         for i, var in enumerate(variants):
             accs = []
-            for j, value in enumerate(config.ep.values):
+            for j, value in enumerate(config.ep.grid):
                 corr = _robust_correct(
                     var.logits_fn,
                     classifier.logits_fn,
@@ -737,7 +755,7 @@ def _ep_analyses(
                 + ", ".join(f"{a:.3f}" for a in accs)
             )
         out["attack_depth"] = dict(
-            attack=aname, values=[float(v) for v in config.ep.values], n=n, variants=rows
+            attack=aname, values=[float(v) for v in config.ep.grid], n=n, variants=rows
         )
     else:
         out["attack_depth"] = None
@@ -774,3 +792,140 @@ def evaluate(
     m.setdefault("num_test", len(x_test))
     m.setdefault("eval_config", config.to_dict())
     return dict(schema_version=SCHEMA_VERSION, meta=m, models=models)
+
+
+# ----------------------------------------------------------------------------------------------
+# Studies: train-or-load several models, evaluate, report
+
+
+CLASS_NAMES = {
+    "fashion_mnist": [
+        "T-shirt",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Boot",
+    ],
+    "cifar10": ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+def ep_gradient_variants(trained, analysis: ml_collections.ConfigDict, name: str) -> list[Any]:
+    """Classifiers of a trained EP model with other attack-gradient paths (same prediction).
+
+    Args:
+      trained: `eqrobust.train.Trained` from the EP trainer (state holds the params).
+      analysis: `bptt_depths` (depths > T are dropped; T itself is the exact BPTT gradient) and
+        `implicit`.
+      name: display name for the variants.
+
+    Returns:
+      Classifiers: BPTT through each depth t, then the implicit gradient.
+    """
+    from eqrobust import ep
+
+    state = trained.state
+    params = state["params"] if isinstance(state, dict) else getattr(state, "params", state)
+    ep_config = ep.config_from_dict(trained.config.model)
+    depths = sorted({int(t) for t in analysis.bptt_depths if int(t) <= ep_config.t1})
+    out = [
+        ep.classifier(params, ep_config, gradient="bptt", gradient_steps=t, name=name)
+        for t in depths
+    ]
+    if analysis.implicit:
+        out.append(ep.classifier(params, ep_config, gradient="implicit", name=name))
+    return out
+
+
+def run_study(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    out_dir: str | None = None,
+    only: Sequence[str] | None = None,
+    require_trained: bool = False,
+) -> dict[str, Any]:
+    """Trains (or loads finished runs of) every model of a study, evaluates them, writes the report.
+
+    Args:
+      config: see experiments/configs/study.py (models, model_order, seeds, ep_analysis, eval).
+      workdir: model runs go to workdir/<model key> (workdir/<key>-seed<s> with several seeds).
+      out_dir: report.md, results.json, plots and galleries go here (default: workdir).
+      only: model keys to include (default: config.model_order).
+      require_trained: raise FileNotFoundError instead of training a model without checkpoints
+        (experiments/evaluate.py).
+
+    Returns:
+      The results dict (also written to workdir/results.json).
+    """
+    import os
+
+    from eqrobust import report
+    from eqrobust.train import get_trainer
+    from eqrobust.train.supervised import load_data
+
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    keys = list(config.model_order) if only is None else list(only)
+    unknown = [k for k in keys if k not in config.models]
+    if unknown:
+        raise ValueError(f"model_order names {unknown} not in config.models {list(config.models)}")
+    datasets = {
+        (config.models[k].dataset, str(config.models[k].get("dataset_options"))) for k in keys
+    }
+    if len(datasets) != 1:
+        raise ValueError(f"all models of a study must use one dataset, got {sorted(datasets)}")
+    seeds = [int(s) for s in config.seeds]
+    classifiers, run_seeds, variants = [], [], {}
+    for key in keys:
+        for seed in seeds:
+            cfg = ml_collections.ConfigDict(config.models[key].to_dict())
+            cfg.seed = seed
+            run_dir = os.path.join(workdir, key if len(seeds) == 1 else f"{key}-seed{seed}")
+            if require_trained and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+                raise FileNotFoundError(
+                    f"no checkpoints for {cfg.name} in {run_dir}; train it first, e.g. "
+                    f"python -m experiments.study --config=... --workdir={workdir}"
+                )
+            t0 = time.perf_counter()
+            trained = get_trainer(cfg.trainer)(cfg, run_dir)
+            timing[f"train-or-load {cfg.name} (seed {seed})"] = time.perf_counter() - t0
+            clf = dataclasses.replace(trained.classifier, name=cfg.name)
+            classifiers.append(clf)
+            run_seeds.append(seed)
+            if cfg.trainer == "ep":
+                variants.setdefault(cfg.name, [])
+                if seed == seeds[0]:  # the depth analysis on the first seed only
+                    variants[cfg.name] = ep_gradient_variants(trained, config.ep_analysis, cfg.name)
+    data = load_data(config.models[keys[0]])
+    t0 = time.perf_counter()
+    models = []
+    for clf, seed in zip(classifiers, run_seeds, strict=True):
+        var = variants.get(clf.name, ()) if seed == seeds[0] else ()
+        models.append(
+            evaluate_classifier(
+                clf, data.x_test, data.y_test, config.eval, seed=seed, gradient_variants=var
+            )
+        )
+    timing["evaluate all models"] = time.perf_counter() - t0
+    trainers = ", ".join(f"{config.models[k].name} ({config.models[k].trainer})" for k in keys)
+    notes = [f"models (trainer): {trainers}"]
+    meta = dict(
+        title=config.get("title", "Robustness study"),
+        dataset=config.models[keys[0]].dataset,
+        scale=config.get("scale", "?"),
+        num_test=len(data.x_test),
+        notes=notes,
+        timing=timing,
+        eval_config=config.eval.to_dict(),
+        class_names=CLASS_NAMES.get(config.models[keys[0]].dataset),
+    )
+    results = dict(schema_version=SCHEMA_VERSION, meta=meta, models=models)
+    timing["total before report"] = time.perf_counter() - t_start
+    report.write_report(results, workdir if out_dir is None else out_dir)
+    return results

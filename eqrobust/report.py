@@ -462,7 +462,7 @@ def plot_gallery(model: dict[str, Any], path: str, class_names: Sequence[str] | 
 # Markdown
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -529,7 +529,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
                 ]
             )
             break
-    out += [_md_table(["evaluation", "examples"], n_rows), ""]
+    out += [md_table(["evaluation", "examples"], n_rows), ""]
     if any(r[1].startswith("**subset") for r in n_rows):
         out += [
             "Attacks marked *subset* ran on the first examples of one fixed random "
@@ -540,7 +540,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
 
     out += ["## Summary (paper Table 1: mean robustness over attacks and strengths)", ""]
     header, rows = summary_rows(results)
-    out += [_md_table(header, rows), ""]
+    out += [md_table(header, rows), ""]
     out += [
         "Mean robustness = mean robust accuracy over every attack and strength of the grid "
         "below (large-ε sanity points excluded). ⚠x marks a cell where health check (x) "
@@ -582,7 +582,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
         out += [
             f"### {spec.label} ({spec.box}-box; {settings})",
             "",
-            _md_table(header, rows),
+            md_table(header, rows),
             "",
             f"Examples: {_subset_note(res0['n'], total)}.",
             "",
@@ -605,7 +605,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
             ]
             row.append(_fmt([m["corruptions"]["mean"] for m in runs]))
             rows.append(row)
-        out += [_md_table(header, rows), "", f"Examples: {_subset_note(c0['n'], total)}.", ""]
+        out += [md_table(header, rows), "", f"Examples: {_subset_note(c0['n'], total)}.", ""]
         cnames = list(c0["accuracy"])
         header = ["Corruption (mean over severities)"] + list(cor_groups)
         rows = [
@@ -616,7 +616,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
             ]
             for c in cnames
         ]
-        out += [_md_table(header, rows), ""]
+        out += [md_table(header, rows), ""]
     else:
         out += ["Not run.", ""]
 
@@ -643,7 +643,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
             )
             idx = [steps.index(s) for s in show]
             out += [
-                _md_table(
+                md_table(
                     ["t"] + [str(s) for s in show],
                     [
                         ["accuracy"]
@@ -681,7 +681,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
                     ]
                 )
             out += [
-                _md_table(header, rows),
+                md_table(header, rows),
                 "",
                 "Rows with a gradient shallower than the prediction reproduce the published "
                 "protocol (gradient/prediction mismatch, flagged (d)); the implicit row is the "
@@ -698,7 +698,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
             [f"({c['id']})", "PASS" if c["passed"] else "**FAIL**", c["message"]]
             for c in m["health"]
         ]
-        out += [_md_table(["check", "result", "detail"], rows), ""]
+        out += [md_table(["check", "result", "detail"], rows), ""]
 
     out += ["## Perturbation gallery", ""]
     gal = [(m, files.get(_run_id(m))) for m in results["models"]]
@@ -732,7 +732,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
                 + ")",
             ]
         )
-    out += [_md_table(["stage", "seconds"], rows), ""]
+    out += [md_table(["stage", "seconds"], rows), ""]
     return "\n".join(out)
 
 

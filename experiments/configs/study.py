@@ -1,0 +1,97 @@
+"""The robustness study: EP-CNN, BP-CNN, Adv-CNN(0.5), Adv-CNN(1.0) trained (or loaded), attacked,
+corrupted, health-checked and reported.
+
+Run:
+    python -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
+    (`make demo`; <= 20 minutes on 2 cores including training; report in runs/demo/report.md)
+
+Scales:
+    smoke  tiny models on synthetic 28x28 data, 64 test examples, few attack steps; < 2 minutes
+           for the whole study (tests/test_study.py).
+    cpu    Fashion-MNIST, the models' cpu configs; clean and corruption accuracy on explicit
+           subsets, attacks on 500 test images (PGD) / 200 (AutoAttack, Square, C&W) with reduced
+           query/iteration budgets; every subset is stated in the report.
+    paper  the models' paper configs (CIFAR-10) and the papers' evaluation grid on the full test
+           split (Square: 600 images as in the paper); GPU.
+"""
+
+import ml_collections
+
+from eqrobust import evaluation
+from experiments.configs import adv_cnn, bp_cnn, ep_cnn
+
+SCALES = ("smoke", "cpu", "paper")
+
+
+def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
+    """The study config at `scale`."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    c = ml_collections.ConfigDict()
+    c.scale = scale
+    c.title = f"Robustness study ({scale} scale)"
+    c.seeds = (0,)
+
+    ep = ep_cnn.get_config(scale)
+    ep.name = "EP-CNN"
+    bp = bp_cnn.get_config(scale)
+    bp.name = "BP-CNN"
+    adv05 = adv_cnn.get_config(scale)
+    adv05.adv.eps, adv05.name = 0.5, "Adv-CNN(0.5)"
+    adv10 = adv_cnn.get_config(scale)
+    adv10.adv.eps, adv10.name = 1.0, "Adv-CNN(1.0)"
+    c.models = ml_collections.ConfigDict(
+        dict(ep_cnn=ep, bp_cnn=bp, adv_cnn_05=adv05, adv_cnn_10=adv10)
+    )
+    c.model_order = ("ep_cnn", "bp_cnn", "adv_cnn_05", "adv_cnn_10")
+
+    # EP analyses: attack gradients from t BPTT steps (t > T dropped; t = T is the exact one)
+    # and from the implicit gradient; prediction always at the model's T.
+    c.ep_analysis = ml_collections.ConfigDict()
+    c.ep_analysis.bptt_depths = (10, 20, 30, 40, 50, 60, 70, 250)
+    c.ep_analysis.implicit = True
+
+    e = evaluation.default_config()
+    c.eval = e
+    if scale == "smoke":
+        c.ep_analysis.bptt_depths = (2, 4)
+        e.batch_size = 64
+        e.num_examples = 64
+        e.pgd_l2.settings.steps = 3
+        e.pgd_linf.settings.steps = 3
+        e.pgd_l2.grid, e.pgd_linf.grid = (0.31, 1.0), (3 / 255, 8 / 255)
+        e.square_linf.grid = e.autoattack_linf.grid = (3 / 255, 8 / 255)
+        e.cw_l2.grid = (0.01, 1.0)
+        e.square_linf.settings.queries = 50
+        e.autoattack_linf.num_examples = 32
+        e.cw_l2.settings.steps = 5
+        e.corruptions.names = ("gaussian_noise", "contrast", "jpeg_compression")
+        e.corruptions.severities = (1, 3, 5)
+        e.ep.grid = (1.0,)
+        e.ep.num_examples = 32
+        e.health.more_steps_factor = 2
+        e.health.more_restarts_factor = 1
+        e.gallery.num_images = 3
+        e.gallery.steps = 5
+    elif scale == "cpu":
+        c.ep_analysis.bptt_depths = (5, 10, 20, 40)
+        e.batch_size = 250
+        e.num_examples = None  # clean accuracy on the full test split
+        e.pgd_l2.num_examples = 500
+        e.pgd_linf.num_examples = 500
+        e.autoattack_linf.num_examples = 100
+        e.square_linf.num_examples = 200
+        e.square_linf.settings.queries = 1000
+        e.cw_l2.num_examples = 200
+        e.cw_l2.settings.steps = 50
+        e.corruptions.num_examples = 500
+        e.ep.num_examples = 200
+        e.ep.grid = (0.31, 1.0)
+        e.health.num_examples = 200
+        e.health.more_restarts_factor = 1
+        e.gallery.num_images = 6
+    elif scale == "paper":
+        c.seeds = (0, 1, 2, 3, 4)
+        e.square_linf.num_examples = 600
+        e.gallery.eps = 3.0
+    return c

@@ -1,0 +1,31 @@
+"""Train-or-load EP-CNN, BP-CNN and Adv-CNNs, evaluate them, write report.md, results.json, plots.
+
+python -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
+"""
+
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from eqrobust import evaluation, report
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file (study.py:scale).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Model runs and the report go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    t0 = time.perf_counter()
+    results = evaluation.run_study(_CONFIG.value, _WORKDIR.value)
+    header, rows = report.summary_rows(results)
+    print(report.md_table(header, rows))
+    logging.info(
+        "study finished in %.1f s; report in %s/report.md", time.perf_counter() - t0, _WORKDIR.value
+    )
+    print(f"study finished in {time.perf_counter() - t0:.1f} s; report: {_WORKDIR.value}/report.md")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,217 @@
+"""Tests for the evaluation suite: analytic robust accuracy, health checks (a)-(d), EP analyses."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqrobust import evaluation
+from eqrobust.models import Classifier
+
+H = W = 8
+# L2 distances of the test points to the decision boundary; chosen away from every eps of the
+# grids below (PGD-L2 with a random start reaches ~0.93 eps along the gradient in 20 steps).
+DISTANCES = np.array([0.02, 0.06, 0.13, 0.2, 0.35, 0.7])
+L2_EPS = (0.07, 0.31, 0.49, 1.0)
+LINF_EPS = (1 / 255, 3 / 255, 5 / 255, 8 / 255)
+
+
+def _direction():
+    """w with |w_j| = 1/8 on the 64 pixels: ||w||_2 = 1, ||w||_1 = 8."""
+    signs = np.where(np.random.default_rng(0).uniform(size=(H, W, 1)) < 0.5, -1.0, 1.0)
+    return (signs / 8.0).astype(np.float32)
+
+
+def _linear_logits(w):
+    wj = jnp.asarray(w)
+
+    def logits_fn(x):
+        s = jnp.sum((x - 0.5) * wj, axis=(1, 2, 3))
+        return jnp.stack([-s, s], axis=-1)
+
+    return logits_fn
+
+
+def _linear_data(w, copies=4):
+    """Points at known L2 distance d from the hyperplane w.(x - 0.5) = 0, both classes."""
+    rng = np.random.default_rng(1)
+    xs, ys, ds = [], [], []
+    for _ in range(copies):
+        for d in DISTANCES:
+            for label in (0, 1):
+                noise = rng.uniform(-0.05, 0.05, size=w.shape)
+                noise -= np.sum(noise * w) * w  # orthogonal to w (||w|| = 1)
+                sign = 1.0 if label == 1 else -1.0
+                xs.append(0.5 + noise + sign * d * w)
+                ys.append(label)
+                ds.append(d)
+    return np.asarray(xs, np.float32), np.asarray(ys, np.int32), np.asarray(ds)
+
+
+def _config(attacks, **kw):
+    c = evaluation.default_config()
+    c.attacks = attacks
+    c.progress = False
+    c.batch_size = 24
+    c.pgd_l2.grid = L2_EPS
+    c.pgd_linf.grid = LINF_EPS
+    c.square_linf.grid = LINF_EPS
+    c.square_linf.settings.queries = 300
+    c.corruptions.enabled = False
+    c.health.more_restarts_factor = 1
+    c.gallery.num_images = 2
+    c.gallery.steps = 5
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def test_linear_model_analytic_accuracy_and_healthy():
+    w = _direction()
+    x, y, d = _linear_data(w)
+    clf = Classifier(logits_fn=_linear_logits(w), name="linear")
+    res = evaluation.evaluate_classifier(clf, x, y, _config(("pgd_l2", "pgd_linf", "square_linf")))
+    assert res["clean"] == dict(accuracy=1.0, n=len(x))
+    # Evaluation order is a fixed permutation; all examples are used, so the analytic
+    # accuracy is the fraction of distances beyond eps (L2: d; Linf: d / ||w||_1 = d / 8).
+    want_l2 = [float(np.mean(d > e)) for e in L2_EPS]
+    want_linf = [float(np.mean(d / 8 > e)) for e in LINF_EPS]
+    np.testing.assert_allclose(res["attacks"]["pgd_l2"]["accuracy"], want_l2)
+    np.testing.assert_allclose(res["attacks"]["pgd_linf"]["accuracy"], want_linf)
+    # Black-box Square cannot beat the optimal white-box attack on a linear model.
+    sq = np.asarray(res["attacks"]["square_linf"]["accuracy"])
+    assert np.all(sq >= np.asarray(want_linf) - 1e-9)
+    checks = {(c["id"], c["attack"], c["value"]): c for c in res["health"]}
+    assert all(c["passed"] for c in res["health"]), [c["message"] for c in res["health"]]
+    assert {c["id"] for c in res["health"]} == {"a", "b", "c", "d"}
+    assert checks[("a", "pgd_l2", None)]["message"].startswith("PGD-L2 at eps=10")
+    assert res["mean_robustness"] == pytest.approx(np.mean(want_l2 + want_linf + list(sq)))
+    g = res["gallery"]
+    assert g["clean"].shape == g["adversarial"].shape == (2, H, W, 1)
+    assert np.all(
+        np.linalg.norm((g["adversarial"] - g["clean"]).reshape(2, -1), axis=1) <= 1.5 + 1e-5
+    )
+
+
+def _quantised_logits(x):
+    """Zero input gradients everywhere: a 4-level quantisation of the pixels."""
+    q = jnp.round(x * 4.0) / 4.0
+    f = jnp.mean(q, axis=(1, 2, 3)) - 0.5
+    return 10.0 * jnp.stack([-f, f], axis=-1)
+
+
+def test_quantised_model_flags_gradient_masking():
+    rng = np.random.default_rng(0)
+    y = np.arange(32) % 2
+    x = (
+        np.where(y == 1, 0.7, 0.3)[:, None, None, None]
+        + rng.uniform(-0.05, 0.05, size=(32, H, W, 1))
+    ).astype(np.float32)
+    clf = Classifier(logits_fn=_quantised_logits, name="quantised")
+    c = _config(("pgd_linf", "square_linf"))
+    c.pgd_linf.grid = c.square_linf.grid = (0.4,)
+    res = evaluation.evaluate_classifier(clf, x, y, c)
+    assert res["clean"]["accuracy"] == 1.0
+    assert res["attacks"]["pgd_linf"]["accuracy"] == [1.0]  # zero gradients: PGD goes nowhere
+    assert res["attacks"]["square_linf"]["accuracy"][0] <= 0.1  # queries still work
+    b = [c for c in res["health"] if c["id"] == "b"]
+    assert len(b) == 1 and not b[0]["passed"]
+    assert "possible gradient masking" in b[0]["message"]
+    assert evaluation.cell_flags(res["health"], "pgd_linf", 0.4) == ["a", "b"]
+    assert evaluation.cell_flags(res["health"], "square_linf", 0.4) == []
+
+
+def test_shallow_gradient_flags_d():
+    w = _direction()
+    x, y, _ = _linear_data(w, copies=1)
+    clf = Classifier(
+        logits_fn=_linear_logits(w),
+        name="shallow",
+        prediction_depth=10,
+        gradient_mode="bptt",
+        gradient_depth=3,
+    )
+    c = _config(("pgd_l2",))
+    c.pgd_l2.grid, c.pgd_l2.large, c.gallery.num_images = (0.31,), None, 0
+    res = evaluation.evaluate_classifier(clf, x, y, c)
+    d = [c for c in res["health"] if c["id"] == "d"]
+    assert len(d) == 1 and not d[0]["passed"] and "MISMATCH" in d[0]["message"]
+    assert "gradient depth 3, prediction depth 10" in d[0]["message"]
+    assert res["gradient"] == dict(
+        mode="bptt", gradient_depth=3, prediction_depth=10, matches_prediction=False
+    )
+    assert "d" in evaluation.cell_flags(res["health"], "pgd_l2", 0.31)
+    # Same classifier with matching depths passes (d).
+    ok = dataclasses.replace(clf, gradient_depth=10)
+    assert evaluation.health_checks(
+        dict(res, gradient=evaluation._gradient_info(ok)), evaluation.default_config()
+    )[-1]["passed"]
+
+
+def test_ep_analyses_judge_with_prediction():
+    """Gradient variants are attacked with their own gradient but judged by the prediction."""
+    w = _direction()
+    x, y, d = _linear_data(w, copies=1)
+    pred = _linear_logits(w)
+    T = 6
+
+    def trajectory_fn(xb):  # readout is informative from step 3 on
+        lg = pred(xb)
+        return jnp.stack([lg * (t >= 2) for t in range(T)])
+
+    clf = Classifier(
+        logits_fn=pred,
+        name="ep-like",
+        trajectory_fn=trajectory_fn,
+        prediction_depth=T,
+        gradient_mode="exact",
+    )
+    # A variant whose gradient is orthogonal to w: the attack moves but cannot change s.
+    w_orth = np.roll(w, 1, axis=0)
+    w_orth -= np.sum(w_orth * w) * w
+    g = _linear_logits(w_orth)
+    blind = Classifier(
+        logits_fn=lambda xb: jax.lax.stop_gradient(pred(xb)) + g(xb) - jax.lax.stop_gradient(g(xb)),
+        name="ep-like",
+        prediction_depth=T,
+        gradient_mode="bptt",
+        gradient_depth=2,
+    )
+    c = _config(("pgd_l2",))
+    c.pgd_l2.settings.random_start = False  # the blind variant then cannot move along w at all
+    c.ep.grid = (0.31, 1.0)
+    res = evaluation.evaluate_classifier(clf, x, y, c, gradient_variants=[clf, blind])
+    fp = res["ep"]["free_phase"]
+    assert fp["steps"] == list(range(1, T + 1))
+    assert fp["accuracy"][:2] == [0.5, 0.5] and fp["accuracy"][2:] == [1.0] * (T - 2)
+    rows = res["ep"]["attack_depth"]["variants"]
+    np.testing.assert_allclose(rows[0]["accuracy"], [np.mean(d > 0.31), np.mean(d > 1.0)])
+    assert rows[1]["accuracy"] == [1.0, 1.0]
+    assert [r["matches_prediction"] for r in rows] == [True, False]
+
+
+def test_subsets_are_recorded_and_inputs_checked():
+    w = _direction()
+    x, y, _ = _linear_data(w)
+    clf = Classifier(logits_fn=_linear_logits(w), name="linear")
+    c = _config(("pgd_l2",))
+    c.pgd_l2.num_examples = 10
+    c.pgd_l2.grid, c.pgd_l2.large, c.gallery.num_images = (0.31,), None, 0
+    c.corruptions.enabled = True
+    c.corruptions.severities = (1, 5)
+    identity = lambda xb, name, severity, *, seed: xb
+    res = evaluation.evaluate_classifier(
+        clf, x, y, c, corrupt=identity, corruption_names=("fake_a", "fake_b")
+    )
+    assert res["attacks"]["pgd_l2"]["n"] == 10 and res["clean"]["n"] == len(x)
+    assert res["attacks"]["pgd_l2"]["large"] is None
+    assert res["corruptions"]["accuracy"] == {"fake_a": [1.0, 1.0], "fake_b": [1.0, 1.0]}
+    assert res["corruptions"]["mean"] == 1.0
+    with pytest.raises(ValueError, match="unknown attack"):
+        evaluation.evaluate_classifier(clf, x, y, _config(("pgd_l3",)))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        evaluation.evaluate_classifier(clf, x * 3, y, c)
+    with pytest.raises(ValueError, match="num_examples"):
+        evaluation.evaluate_classifier(clf, x, y, _config(("pgd_l2",), num_examples=0))
