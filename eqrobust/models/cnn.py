@@ -1,0 +1,100 @@
+"""The BP-CNN baseline: conv -> BatchNorm -> ReLU -> 2x2 max pool per layer, then Linear."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def check_images(x: jax.Array, in_shape: Sequence[int], who: str) -> None:
+    """Raises ValueError unless x is a float [B, *in_shape] batch in [0, 1].
+
+    The value range is checked only on concrete (non-traced) arrays.
+    """
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(in_shape):
+        raise ValueError(
+            f"{who} expects images [B, {', '.join(map(str, in_shape))}] (NHWC), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{who} expects float images in [0, 1], got dtype {x.dtype}; "
+            "convert uint8 with eqrobust.data.to_float"
+        )
+    if not isinstance(x, jax.core.Tracer):
+        lo, hi = float(jnp.min(x)), float(jnp.max(x))
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(
+                f"{who} expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                "normalisation is part of the model, pass raw [0, 1] pixels"
+            )
+
+
+def feature_size(
+    in_hw: Sequence[int], paddings: Sequence[int], kernel_size: int
+) -> tuple[int, int]:
+    """Spatial size after the conv(padding p, stride 1) + 2x2/2 max-pool stack."""
+    h, w = in_hw
+    for p in paddings:
+        h, w = (h + 2 * p - kernel_size + 1) // 2, (w + 2 * p - kernel_size + 1) // 2
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"input {tuple(in_hw)} is too small for paddings {tuple(paddings)} "
+                f"with kernel {kernel_size}"
+            )
+    return h, w
+
+
+class BPCNN(nnx.Module):
+    """Feedforward conv net of the EP robustness papers' BP baseline.
+
+    Input normalisation `(x - mean) / std` is the first operation of the model.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64),
+        paddings: Sequence[int] = (1, 1),
+        kernel_size: int = 3,
+        mean: Sequence[float] | float = 0.0,
+        std: Sequence[float] | float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        if len(channels) != len(paddings):
+            raise ValueError(
+                f"channels {tuple(channels)} and paddings {tuple(paddings)} "
+                "must have the same length"
+            )
+        self.in_shape = tuple(int(s) for s in in_shape)
+        c_in = self.in_shape[-1]
+        self.mean = nnx.Variable(jnp.broadcast_to(jnp.asarray(mean, jnp.float32), (c_in,)))
+        self.std = nnx.Variable(jnp.broadcast_to(jnp.asarray(std, jnp.float32), (c_in,)))
+        self.paddings = tuple(int(p) for p in paddings)
+        convs, norms = [], []
+        for c_out, p in zip(channels, self.paddings):
+            convs.append(nnx.Conv(c_in, c_out, (kernel_size, kernel_size), padding=p, rngs=rngs))
+            norms.append(nnx.BatchNorm(c_out, momentum=0.9, rngs=rngs))
+            c_in = c_out
+        self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+        h, w = feature_size(self.in_shape[:2], self.paddings, kernel_size)
+        self.head = nnx.Linear(h * w * c_in, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] float in [0, 1] -> logits [B, K]."""
+        check_images(x, self.in_shape, "BPCNN")
+        h = (x - self.mean.value) / self.std.value
+        for conv, norm in zip(self.convs, self.norms):
+            h = nnx.max_pool(nnx.relu(norm(conv(h))), (2, 2), strides=(2, 2))
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+def num_params(model: nnx.Module) -> int:
+    """Number of trainable parameters."""
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param))))

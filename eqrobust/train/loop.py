@@ -1,0 +1,262 @@
+"""The one training loop: seeded batches, on-device augmentation, orbax resume, metrics, tqdm."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm.auto import tqdm
+
+from eqrobust import data as data_lib
+
+TrainStep = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[Any, dict[str, jax.Array]]]
+EvalLogits = Callable[[Any, jax.Array], jax.Array]
+
+
+class FitResult(NamedTuple):
+    """What `fit` returns: final state, metric records (also in metrics.jsonl), last step."""
+
+    state: Any
+    history: list[dict]
+    step: int
+
+
+def _opt(config: ml_collections.ConfigDict, name: str, default: Any) -> Any:
+    return config.get(name, default) if name in config else default
+
+
+def make_schedule(opt_config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Learning-rate schedule, stepped once per epoch like the PyTorch references.
+
+    opt_config.schedule:
+      - "constant": lr.
+      - "cosine": PyTorch CosineAnnealingLR, lr_min + (lr - lr_min)(1 + cos(pi e / cosine_epochs))/2
+        at epoch e. Like the reference, it is periodic: past cosine_epochs the rate rises again
+        (T_max=100 over 120 epochs in the EP papers' code).
+      - "step": lr * decay_factor ** floor(e / decay_every_epochs) (PyTorch StepLR).
+    """
+    lr = float(opt_config.lr)
+    kind = _opt(opt_config, "schedule", "constant")
+    spe = max(int(steps_per_epoch), 1)
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "cosine":
+        lr_min = float(_opt(opt_config, "lr_min", 0.0))
+        t_max = float(opt_config.cosine_epochs)
+
+        def cosine(step: jax.Array) -> jax.Array:
+            epoch = jnp.floor(step / spe)
+            return lr_min + (lr - lr_min) * (1 + jnp.cos(jnp.pi * epoch / t_max)) / 2
+
+        return cosine
+    if kind == "step":
+        every, factor = int(opt_config.decay_every_epochs), float(opt_config.decay_factor)
+        return lambda step: lr * factor ** jnp.floor(step / (spe * every))
+    raise ValueError(f"unknown schedule {kind!r}; expected 'constant', 'cosine' or 'step'")
+
+
+def make_optimizer(
+    opt_config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """SGD with momentum and coupled weight decay (PyTorch `SGD(weight_decay=...)` semantics)."""
+    schedule = make_schedule(opt_config, steps_per_epoch)
+    tx = optax.chain(
+        optax.add_decayed_weights(float(_opt(opt_config, "weight_decay", 0.0))),
+        optax.sgd(
+            schedule,
+            momentum=float(_opt(opt_config, "momentum", 0.0)) or None,
+            nesterov=bool(_opt(opt_config, "nesterov", False)),
+        ),
+    )
+    return tx, schedule
+
+
+def accuracy(
+    eval_logits: Callable[[jax.Array], jax.Array],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 500,
+) -> float:
+    """Top-1 accuracy of a jitted `eval_logits(x_float) -> logits` over uint8 images x [N,H,W,C]."""
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = data_lib.to_float(x[i : i + batch_size])
+        n = xb.shape[0]
+        if n < batch_size and len(x) > batch_size:  # pad to keep one compiled shape
+            xb = jnp.concatenate([xb, jnp.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
+        pred = jnp.argmax(eval_logits(xb)[:n], -1)
+        correct += int(jnp.sum(pred == jnp.asarray(y[i : i + n])))
+    return correct / len(x)
+
+
+def _read_history(path: Path, upto_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("step", 0) <= upto_step]
+
+
+def fit(
+    *,
+    config: ml_collections.ConfigDict,
+    workdir: str | Path | None,
+    data: data_lib.Dataset,
+    init_state: Any,
+    train_step: TrainStep,
+    eval_logits: EvalLogits,
+    stop_at_step: int | None = None,
+) -> FitResult:
+    """Trains `init_state` with `train_step`, resuming from the latest checkpoint in workdir.
+
+    Args:
+        config: uses seed, batch_size, num_epochs, num_steps (optional, overrides epochs),
+            augment.{crop_padding, pad_mode, flip} (optional), eval_every_epochs,
+            checkpoint_every_steps (default: once per epoch), keep_checkpoints, log_every_steps,
+            eval_batch_size.
+        workdir: where checkpoints/ and metrics.jsonl go; None trains without saving.
+        data: the dataset (already subset if wanted).
+        init_state: pytree of arrays holding everything that changes during training.
+        train_step: (state, x [B,H,W,C] float in [0,1] augmented, y [B], key) -> (state, metrics).
+        eval_logits: (state, x) -> logits [B, K], used for test accuracy.
+        stop_at_step: stop (and checkpoint) once this step is reached, as if interrupted.
+
+    Returns:
+        FitResult. A run whose final step is already checkpointed restores it and returns at once.
+
+    Raises:
+        FloatingPointError: the training loss became NaN or infinite.
+    """
+    n_train, bs = len(data.x_train), int(config.batch_size)
+    if bs > n_train:
+        raise ValueError(f"batch_size={bs} is larger than the training set ({n_train})")
+    spe = n_train // bs
+    num_steps = _opt(config, "num_steps", None)
+    total = int(num_steps) if num_steps else int(config.num_epochs) * spe
+    log_every = int(_opt(config, "log_every_steps", 50))
+    ckpt_every = int(_opt(config, "checkpoint_every_steps", 0)) or spe
+    eval_every = int(_opt(config, "eval_every_epochs", 1))
+    aug = config.get("augment", None) if "augment" in config else None
+    seed = int(config.seed)
+
+    workdir = Path(workdir) if workdir is not None else None
+    mngr, metrics_path, history, step = None, None, [], 0
+    state = init_state
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics_path = workdir / "metrics.jsonl"
+        mngr = ocp.CheckpointManager(
+            (workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=int(_opt(config, "keep_checkpoints", 2)), create=True
+            ),
+        )
+        latest = mngr.latest_step()
+        if latest is not None:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state)
+            state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+            step = int(latest)
+            history = _read_history(metrics_path, step)
+            # Drop records written after the checkpoint by an interrupted run.
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+            logging.info("Resumed from %s at step %d / %d", workdir, step, total)
+        else:
+            metrics_path.write_text("")
+
+    base_key = jax.random.PRNGKey(seed)
+
+    @jax.jit
+    def step_fn(state: Any, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[Any, dict]:
+        key = jax.random.fold_in(base_key, step)
+        k_aug, k_step = jax.random.split(key)
+        xf = data_lib.to_float(x)
+        if aug is not None and (aug.get("crop_padding", 0) or aug.get("flip", False)):
+            xf = data_lib.augment(
+                k_aug,
+                xf,
+                crop_padding=int(aug.get("crop_padding", 0)),
+                pad_mode=aug.get("pad_mode", "edge"),
+                flip=bool(aug.get("flip", False)),
+            )
+        return train_step(state, xf, y, k_step)
+
+    eval_jit = jax.jit(eval_logits)
+    eval_bs = int(_opt(config, "eval_batch_size", 500))
+
+    def record(row: dict) -> None:
+        history.append(row)
+        if metrics_path is not None:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save(s: int, state: Any) -> None:
+        if mngr is not None and mngr.latest_step() != s:
+            mngr.save(s, args=ocp.args.StandardSave(state))
+
+    end = total if stop_at_step is None else min(total, int(stop_at_step))
+    sums: dict[str, float] = {}
+    count, t0 = 0, time.time()
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=step >= end,
+    )
+    while step < end:
+        epoch, start = divmod(step, spe)
+        for xb, yb in data_lib.batches(
+            data.x_train, data.y_train, bs, seed=seed, epoch=epoch, start=start
+        ):
+            state, metrics = step_fn(state, xb, yb, jnp.asarray(step, jnp.int32))
+            step += 1
+            bar.update(1)
+            last_of_epoch = step % spe == 0
+            if step % log_every == 0 or last_of_epoch or step == end:
+                m = jax.device_get(metrics)
+                loss = float(m.get("loss", 0.0))
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss is {loss} at step {step} (epoch {epoch}); stopping. "
+                        "Lower the learning rate or check the data/model for invalid values."
+                    )
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+                bar.set_postfix(loss=f"{loss:.4f}")
+            done_epoch = last_of_epoch and (step // spe) % eval_every == 0
+            if done_epoch or step == total:
+                row = {"step": step, "epoch": step / spe, "time_s": round(time.time() - t0, 2)}
+                row.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
+                row["test_accuracy"] = accuracy(
+                    lambda x: eval_jit(state, x), data.x_test, data.y_test, batch_size=eval_bs
+                )
+                record(row)
+                logging.info("step %d: %s", step, row)
+                bar.write(
+                    f"step {step} epoch {row['epoch']:.2f}: test acc "
+                    f"{row['test_accuracy']:.4f}, train loss {row.get('train_loss', 0):.4f}"
+                )
+                sums, count = {}, 0
+            if step % ckpt_every == 0 or step == end:
+                save(step, state)
+            if step >= end:
+                break
+    bar.close()
+    if mngr is not None:
+        save(step, state)
+        mngr.wait_until_finished()
+        mngr.close()
+    return FitResult(state, history, step)

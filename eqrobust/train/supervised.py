@@ -1,0 +1,116 @@
+"""Supervised (cross-entropy) training of NNX classifiers, with an optional adversary hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from eqrobust import data as data_lib
+from eqrobust.models import Classifier, logits_fn
+from eqrobust.models.cnn import BPCNN
+from eqrobust.train import Trained
+from eqrobust.train.loop import fit, make_optimizer
+
+# perturb(logits_fn, x, y, key) -> x_adv, run inside the jitted step (adversarial training).
+Perturb = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+    """The dataset named by config.dataset, subset by config.num_train / num_test if set."""
+    kwargs = dict(config.get("dataset_options", {}) or {})
+    ds = data_lib.load(config.dataset, data_dir=config.get("data_dir", None), **kwargs)
+    return ds.subset(config.get("num_train", None), config.get("num_test", None))
+
+
+def build_model(config: ml_collections.ConfigDict, data: data_lib.Dataset) -> nnx.Module:
+    """The BP-CNN described by config.model for this dataset's shape and statistics."""
+    m = config.model
+    if m.get("name", "bp_cnn") != "bp_cnn":
+        raise ValueError(f"unknown model {m.name!r}; supervised training supports 'bp_cnn'")
+    return BPCNN(
+        in_shape=data.image_shape,
+        num_classes=data.num_classes,
+        channels=tuple(m.channels),
+        paddings=tuple(m.paddings),
+        kernel_size=int(m.get("kernel_size", 3)),
+        mean=data.mean,
+        std=data.std,
+        rngs=nnx.Rngs(int(config.seed)),
+    )
+
+
+def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy; logits [B, K], y [B] int."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path | None,
+    *,
+    perturb: Perturb | None = None,
+    stop_at_step: int | None = None,
+) -> Trained:
+    """Trains (or resumes, or just loads if finished) the model of `config`.
+
+    Args:
+        config: see experiments/configs/bp_cnn.py.
+        workdir: checkpoints and metrics.jsonl go here (None: nothing saved).
+        perturb: optional adversary; the model is trained on perturb(eval_logits, x, y, key).
+        stop_at_step: stop early at this step as if interrupted (tests, time budgets).
+
+    Returns:
+        Trained, whose classifier is the eval-mode model.
+    """
+    ds = load_data(config)
+    model = build_model(config, ds)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, schedule = make_optimizer(config.optimizer, len(ds.x_train) // int(config.batch_size))
+    init_state = {"params": params, "rest": rest, "opt": tx.init(params)}
+
+    def apply(params: Any, rest: Any, x: jax.Array, *, train: bool) -> tuple[jax.Array, Any]:
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        m.train() if train else m.eval()
+        logits = m(x)
+        return logits, nnx.state(m, nnx.Not(nnx.Param))
+
+    def eval_logits(state: dict, x: jax.Array) -> jax.Array:
+        return apply(state["params"], state["rest"], x, train=False)[0]
+
+    def train_step(state: dict, x: jax.Array, y: jax.Array, key: jax.Array):
+        if perturb is not None:
+            x = jax.lax.stop_gradient(perturb(lambda xx: eval_logits(state, xx), x, y, key))
+
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            logits, rest = apply(params, state["rest"], x, train=True)
+            return cross_entropy(logits, y), (logits, rest)
+
+        (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            "lr": schedule(optax.tree_utils.tree_get(state["opt"], "count")),
+        }
+        return {"params": params, "rest": rest, "opt": opt}, metrics
+
+    result = fit(
+        config=config,
+        workdir=workdir,
+        data=ds,
+        init_state=init_state,
+        train_step=train_step,
+        eval_logits=eval_logits,
+        stop_at_step=stop_at_step,
+    )
+    nnx.update(model, result.state["params"], result.state["rest"])
+    clf = Classifier(logits_fn=logits_fn(model), name=config.get("name", "BP-CNN"))
+    return Trained(clf, result.state, result.history, config)

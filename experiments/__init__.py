@@ -1,0 +1,1 @@
+"""Experiment binaries (absl) and their ml_collections configs."""

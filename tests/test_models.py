@@ -1,0 +1,92 @@
+"""BP-CNN shapes, input validation, and the Classifier interface."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from eqrobust.models import Classifier, logits_fn
+from eqrobust.models.cnn import BPCNN, feature_size
+
+
+def small(in_shape=(28, 28, 1)):
+    return BPCNN(
+        in_shape=in_shape, num_classes=10, channels=(4, 8), paddings=(1, 0), rngs=nnx.Rngs(0)
+    )
+
+
+def test_shapes_and_paper_layout():
+    assert feature_size((32, 32), (1, 1, 1, 0), 3) == (1, 1)  # paper: 16 -> 8 -> 4 -> 1
+    m = small()
+    assert m(jnp.full((3, 28, 28, 1), 0.5)).shape == (3, 10)
+
+
+def test_normalisation_inside_model():
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1))
+    a = BPCNN(
+        in_shape=(28, 28, 1),
+        num_classes=10,
+        channels=(4,),
+        paddings=(1,),
+        mean=0.3,
+        std=0.2,
+        rngs=nnx.Rngs(0),
+    )
+    b = BPCNN(in_shape=(28, 28, 1), num_classes=10, channels=(4,), paddings=(1,), rngs=nnx.Rngs(0))
+    a.eval(), b.eval()
+    # Same weights: the normalising model on x equals the plain model on hand-normalised x.
+    assert jnp.allclose(a(x), _plain(b, (x - 0.3) / 0.2), atol=1e-4)
+
+
+def _plain(m, h):
+    # The model's forward pass without its input check (hand-normalised h leaves [0, 1]).
+    for conv, norm in zip(m.convs, m.norms):
+        h = nnx.max_pool(nnx.relu(norm(conv(h))), (2, 2), strides=(2, 2))
+    return m.head(h.reshape(h.shape[0], -1))
+
+
+def test_boundary_errors():
+    m = small()
+    with pytest.raises(ValueError, match=r"\[B, 28, 28, 1\]"):
+        m(jnp.zeros((2, 32, 32, 3)))
+    with pytest.raises(ValueError, match="float"):
+        m(jnp.zeros((2, 28, 28, 1), jnp.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m(jnp.full((2, 28, 28, 1), 255.0))
+    with pytest.raises(ValueError, match="same length"):
+        BPCNN(
+            in_shape=(28, 28, 1), num_classes=10, channels=(4, 8), paddings=(1,), rngs=nnx.Rngs(0)
+        )
+
+
+def test_logits_fn_is_pure_eval_mode():
+    m = small()
+    f = logits_fn(m)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+    before = jax.tree.map(jnp.copy, nnx.state(m, nnx.BatchStat))
+    y1, y2 = jax.jit(f)(x), f(x)
+    assert jnp.allclose(y1, y2, atol=1e-5)
+    g = jax.grad(lambda x: f(x).sum())(x)
+    assert g.shape == x.shape and bool(jnp.any(g != 0))
+    after = nnx.state(m, nnx.BatchStat)
+    assert all(
+        bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+    )
+    # Eval mode: an example's logits do not depend on the rest of the batch.
+    assert jnp.allclose(f(x[:1]), f(x)[:1], atol=1e-5)
+
+
+def test_classifier_gradient_path():
+    f = lambda x: x
+    assert Classifier(f, "ff").gradient_matches_prediction
+    assert Classifier(
+        f, "ep", prediction_depth=250, gradient_mode="implicit"
+    ).gradient_matches_prediction
+    assert not Classifier(
+        f, "ep", prediction_depth=250, gradient_mode="bptt", gradient_depth=29
+    ).gradient_matches_prediction
+    assert Classifier(
+        f, "ep", prediction_depth=250, gradient_mode="bptt", gradient_depth=250
+    ).gradient_matches_prediction
+    with pytest.raises(ValueError, match="gradient_mode"):
+        Classifier(f, "x", gradient_mode="magic")
