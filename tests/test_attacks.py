@@ -249,7 +249,7 @@ def test_autoattack_robust_le_each_component_pointwise():
     x = jax.random.uniform(jax.random.key(4), shape)
     y = jnp.argmax(f(x), -1).at[0].set((jnp.argmax(f(x[:1]), -1)[0] + 1) % 5)  # one clean error
     eps = 0.08
-    res = attacks.autoattack(f, x, y, key=key, eps=eps)
+    res = attacks.autoattack(f, x, y, key=key, eps=eps, compact=False)
     delta = np.abs(np.asarray(res.x_adv - x)).reshape(6, -1).max(1)
     assert np.all(delta <= eps + 1e-6)
     assert not res.robust[0] and res.broken_by[0] == 0 and res.success[0]
@@ -389,3 +389,63 @@ def test_errors():
         attacks.autoattack(f, x, y, key=k, eps=0.1, version="rand")
     with pytest.raises(ValueError, match="batch_size"):
         attacks.run_attack(functools.partial(attacks.pgd, f, eps=0.1), x, y, key=k, batch_size=0)
+
+
+# ----------------------------------------------------------------------------- strength
+
+
+@pytest.fixture(scope="module")
+def trained_cnn():
+    """The lead's BP-CNN, trained briefly on 12x12 synthetic data (clean accuracy ~90 %)."""
+    import optax
+    from flax import nnx
+
+    from eqrobust import data
+    from eqrobust.models import logits_fn
+    from eqrobust.models.cnn import BPCNN
+
+    ds = data.load("synthetic", shape=(12, 12, 1), num_train=2048, num_test=48, seed=0)
+    model = BPCNN(in_shape=(12, 12, 1), num_classes=10, channels=(8, 16), mean=ds.mean,
+                  std=ds.std, rngs=nnx.Rngs(0))  # fmt: skip
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, opt, x, y):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    x_train, y_train = data.to_float(ds.x_train), jnp.asarray(ds.y_train)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        idx = rng.integers(0, len(y_train), 64)
+        train_step(model, opt, x_train[idx], y_train[idx])
+    f = logits_fn(model)
+    x, y = data.to_float(ds.x_test), jnp.asarray(ds.y_test)
+    return f, x, y
+
+
+@pytest.mark.slow
+def test_strength_ordering_on_trained_cnn(trained_cnn):
+    f, x, y = trained_cnn
+    clean = float(jnp.mean(jnp.argmax(f(x), -1) == y))
+    assert clean >= 0.8
+    key = jax.random.key(0)
+    eps = 0.03
+    acc_pgd = 1 - float(jnp.mean(attacks.pgd(f, x, y, key=key, eps=eps).success))
+    acc_apgd = 1 - float(jnp.mean(attacks.apgd(f, x, y, key=key, eps=eps).success))
+    aa = attacks.autoattack(f, x, y, key=key, eps=eps)
+    acc_aa = float(jnp.mean(aa.robust))
+    assert clean > acc_pgd >= acc_apgd >= acc_aa
+    assert acc_aa < clean - 0.2  # the attacks do real work at this eps
+    # At a huge radius nothing survives any attack.
+    big = 0.5
+    assert not np.any(np.asarray(aa.robust) & ~np.asarray(aa.clean_correct))
+    for res in (attacks.pgd(f, x, y, key=key, eps=big), attacks.apgd(f, x, y, key=key, eps=big),
+                attacks.square(f, x, y, key=key, eps=big, queries=200),
+                attacks.fab(f, x, y, key=key, eps=big)):  # fmt: skip
+        assert float(jnp.mean(res.success)) >= 0.97
+    assert float(jnp.mean(attacks.autoattack(f, x, y, key=key, eps=big).robust)) == 0.0
