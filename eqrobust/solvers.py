@@ -202,20 +202,21 @@ def _anderson_step(F, w, fw, mstate, i, opts):
     valid = jnp.arange(m) < jnp.minimum(i + 1, m)  # [m] slots holding past iterates
     vf = valid.astype(dtype)
     g = fs - xs  # [B, m, D]
-    gg = jnp.einsum("bmd,bnd->bmn", g, g) * (vf[:, None] * vf[None, :])
+    # Broadcast-and-reduce instead of batched dots: same work for small m, faster to compile.
+    gg = jnp.sum(g[:, :, None] * g[:, None], axis=3) * (vf[:, None] * vf[None, :])
     # Regularise relative to the residual scale, so lam means the same near and far from z*.
     scale = jnp.trace(gg, axis1=1, axis2=2) / jnp.sum(vf)  # [B]
     reg = lam * scale + jnp.sqrt(jnp.finfo(dtype).tiny)
     eye = jnp.eye(m, dtype=dtype)
-    inner = gg + reg[:, None, None] * eye * vf + eye * (1.0 - vf)  # unused slots: identity rows
-    b = xs.shape[0]
-    h = jnp.zeros((b, m + 1, m + 1), dtype)
-    h = h.at[:, 0, 1:].set(vf).at[:, 1:, 0].set(vf).at[:, 1:, 1:].set(inner)
-    rhs = jnp.zeros((b, m + 1), dtype).at[:, 0].set(1.0)
-    alpha = jnp.linalg.solve(h, rhs[..., None])[:, 1:, 0]  # [B, m], sums to 1 over valid slots
-    w_new = beta * jnp.einsum("bm,bmd->bd", alpha, fs)
+    # min ||sum_j a_j g_j||^2 + reg ||a||^2 s.t. sum_j a_j = 1: a = y / sum(y), (GG + reg I) y = 1.
+    # The matrix is SPD (unused slots: identity rows, right-hand side 0), so Cholesky suffices.
+    gram = gg + reg[:, None, None] * eye * vf + eye * (1.0 - vf)
+    chol = jnp.linalg.cholesky(gram)
+    y = jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(vf, gram.shape[:2])[..., None])
+    alpha = y[..., 0] / jnp.sum(y[..., 0], axis=1, keepdims=True)  # [B, m], sums to 1
+    w_new = beta * jnp.sum(alpha[..., None] * fs, axis=1)
     if beta != 1.0:
-        w_new = w_new + (1.0 - beta) * jnp.einsum("bm,bmd->bd", alpha, xs)
+        w_new = w_new + (1.0 - beta) * jnp.sum(alpha[..., None] * xs, axis=1)
     fw_new = F(w_new)
     slot = (i + 1) % m
     xs = lax.dynamic_update_index_in_dim(xs, w_new, slot, 1)
@@ -243,11 +244,12 @@ def _broyden_step(F, w, fw, mstate, i, opts):
     m = opts["memory"]
     g = fw - w
 
+    # Broadcast-and-reduce instead of batched dots: same work for small m, much faster to compile.
     def matvec(x):  # B x
-        return -x + jnp.einsum("bmd,bm->bd", us, jnp.einsum("bmd,bd->bm", vs, x))
+        return -x + jnp.sum(us * jnp.sum(vs * x[:, None], axis=2, keepdims=True), axis=1)
 
     def rmatvec(x):  # x^T B
-        return -x + jnp.einsum("bmd,bm->bd", vs, jnp.einsum("bmd,bd->bm", us, x))
+        return -x + jnp.sum(vs * jnp.sum(us * x[:, None], axis=2, keepdims=True), axis=1)
 
     dx = -matvec(g)  # the first step (B = -I) is the Picard step z + g = f(z)
     w_new = w + dx
@@ -575,9 +577,11 @@ def solve(
 
 def _phantom(f, z_star, args, k, lam):
     """Forward value z*, gradient of k damped steps from stop_gradient(z*)."""
-    z = z_star
-    for _ in range(k):  # k is small and static (5 in the DEQ reference)
-        z = jax.tree.map(lambda a, b: (1.0 - lam) * a + lam * b, z, f(z, args))
+
+    def body(z, _):
+        return jax.tree.map(lambda a, b: (1.0 - lam) * a + lam * b, z, f(z, args)), None
+
+    z, _ = lax.scan(body, z_star, None, length=k)
     # Straight-through: exactly z* forward (z - sg(z) == 0), phantom derivative backward.
     return jax.tree.map(lambda s, p: s + (p - lax.stop_gradient(p)), z_star, z)
 
