@@ -56,7 +56,7 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
 
 class Layer(NamedTuple):
-    """One synapse layer. Conv: w [k, k, C_in, C_out] (HWIO), b [C_out]; fc: w [F_in, F_out], b [F_out]."""
+    """One synapse layer. Conv: w [k, k, C_in, C_out] (HWIO), b [C_out]; fc: w [F_in, F_out]."""
 
     w: Array
     b: Array
@@ -65,12 +65,13 @@ class Layer(NamedTuple):
 # Params: tuple of `Layer`s in order conv_1..conv_n, fc_1..fc_m, out (the readout in "softmax" mode,
 # the synapses to the output neurons in "mse" mode).
 Params = tuple[Layer, ...]
-# States: one array per neuron layer, leading batch axis: conv layers [B, H_l, W_l, C_l], fc [B, F_l]
+# States: one array per neuron layer, leading batch axis: conv [B, H_l, W_l, C_l], fc [B, F_l]
 # (and the output neurons [B, K] in "mse" mode).
 States = tuple[Array, ...]
 
 OUTPUT_MODES = ("softmax", "mse")
 POOL_IMPLS = ("reduce_window", "reshape")
+CONV_IMPLS = ("xla", "patches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,8 @@ class EnergyConfig:
       mean, std: per-channel input normalisation in [0, 1] units; applied inside the model.
       pool: max-pool formulation, "reduce_window" (lax.reduce_window) or "reshape" (max over a
         reshaped [.., 2, .., 2, ..] view); same values, different speed.
+      conv: convolution formulation, "xla" (lax.conv_general_dilated) or "patches" (k*k shifted
+        slices concatenated, then one matmul); same values up to rounding, different speed.
     """
 
     in_shape: tuple[int, int, int] = (28, 28, 1)
@@ -103,6 +106,7 @@ class EnergyConfig:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     pool: str = "reduce_window"
+    conv: str = "xla"
 
     def __post_init__(self):
         # Normalise list-valued fields (ConfigDicts hand over lists) so the config stays hashable.
@@ -121,6 +125,8 @@ class EnergyConfig:
             raise ValueError(f"output must be one of {OUTPUT_MODES}; got {self.output!r}.")
         if self.pool not in POOL_IMPLS:
             raise ValueError(f"pool must be one of {POOL_IMPLS}; got {self.pool!r}.")
+        if self.conv not in CONV_IMPLS:
+            raise ValueError(f"conv must be one of {CONV_IMPLS}; got {self.conv!r}.")
         c = self.in_shape[2]
         if len(self.mean) != c or len(self.std) != c:
             raise ValueError(
@@ -177,7 +183,7 @@ class EnergyConfig:
 
 
 def maxpool2(u: Array, impl: str = "reduce_window") -> Array:
-    """2x2 / stride 2 max pool (odd trailing rows/cols dropped). u: [B, H, W, C] -> [B, H//2, W//2, C]."""
+    """2x2/stride-2 max pool, odd trailing rows/cols dropped. u: [B,H,W,C] -> [B,H//2,W//2,C]."""
     if impl == "reduce_window":
         return jax.lax.reduce_window(u, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     b, h, w, c = u.shape
@@ -185,8 +191,15 @@ def maxpool2(u: Array, impl: str = "reduce_window") -> Array:
     return u.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def conv(s: Array, w: Array, padding: int) -> Array:
+def conv(s: Array, w: Array, padding: int, impl: str = "xla") -> Array:
     """Stride-1 NHWC convolution with symmetric zero padding. s: [B,H,W,Cin], w: [k,k,Cin,Cout]."""
+    if impl == "patches":
+        k = w.shape[0]
+        sp = jnp.pad(s, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        ho, wo = sp.shape[1] - k + 1, sp.shape[2] - k + 1
+        cols = [sp[:, i : i + ho, j : j + wo] for i in range(k) for j in range(k)]
+        # [B, Ho, Wo, k*k*Cin] @ [k*k*Cin, Cout]; the (i, j, c) order matches HWIO's reshape.
+        return jnp.concatenate(cols, axis=-1) @ w.reshape(-1, w.shape[-1])
     return jax.lax.conv_general_dilated(
         s, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
@@ -235,7 +248,7 @@ def zero_states(config: EnergyConfig, batch: int, dtype=jnp.float32) -> States:
 
 
 def readout(params: Params, states: States, config: EnergyConfig) -> Array:
-    """Class scores [B, K]: W_out flat(s_last) + b in "softmax" mode; the output neurons in "mse"."""
+    """Class scores [B, K]: W_out flat(s_last) + b ("softmax") or the output neurons ("mse")."""
     if config.output == "mse":
         return states[-1]
     s = states[-1]
@@ -243,7 +256,7 @@ def readout(params: Params, states: States, config: EnergyConfig) -> Array:
 
 
 def loss(params: Params, states: States, y: Array, config: EnergyConfig) -> Array:
-    """Per-example loss [B]: CE of the readout ("softmax") or 1/2 ||s_out - onehot(y)||^2 ("mse")."""
+    """Per-example loss [B]: CE of the readout ("softmax") or 1/2 ||s_out - onehot(y)||^2."""
     scores = readout(params, states, config)
     onehot = jax.nn.one_hot(y, config.num_classes, dtype=scores.dtype)
     if config.output == "mse":
@@ -265,8 +278,9 @@ def Phi(  # noqa: N802  (the papers' name)
 ) -> Array:
     """Primitive function Phi(x, s) - beta * Loss(s, y), per example.
 
-        Phi = sum_conv < maxpool2(conv_l(s_{l-1}) + b_l), s_l > + sum_fc < W_l flat(s_{l-1}) + b_l, s_l >
-              - beta * Loss(s, y),      s_0 = (x - mean) / std.
+        Phi = sum_conv < maxpool2(conv_l(s_{l-1}) + b_l), s_l >
+            + sum_fc < W_l flat(s_{l-1}) + b_l, s_l >  - beta * Loss(s, y),
+        with s_0 = (x - mean) / std.
 
     Args:
       params: synapse layers (`Params`).
@@ -288,7 +302,7 @@ def Phi(  # noqa: N802  (the papers' name)
     nc = config.num_conv
     for i in range(nc):
         w, b = params[i]
-        u = maxpool2(conv(s_prev, w, config.paddings[i]) + b, config.pool)
+        u = maxpool2(conv(s_prev, w, config.paddings[i], config.conv) + b, config.pool)
         total = total + jnp.sum(u * states[i], axis=(1, 2, 3))
         s_prev = states[i]
     num_fc_neurons = len(config.fc) + (config.output == "mse")

@@ -1,0 +1,403 @@
+"""EP-CNN: init, free phase on the fixed-point engine, nudged phases, EP gradients, classifiers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from eqrobust import energy, solvers
+from eqrobust.energy import EnergyConfig, Layer, Params, States
+
+Array = jax.Array
+
+ESTIMATORS = ("symmetric", "one_sided")
+GRADIENT_MODES = ("exact", "bptt", "implicit")
+
+
+@dataclasses.dataclass(frozen=True)
+class EPConfig:
+    """Everything the EP model needs besides its parameters (static, hashable).
+
+    Attributes:
+      energy: the architecture (`EnergyConfig`).
+      t1: free-phase steps (the prediction depth; papers: 250).
+      t2: steps of each nudged phase (papers: 30).
+      beta: nudging strength.
+      random_sign: draw the sign of beta per batch (one-sided estimator's bias cancels on average).
+      estimator: "symmetric" (+beta and -beta phases, Laborieux et al. 2021) or "one_sided".
+      free_method: fixed-point method of the free phase ("picard" = the papers; "anderson",
+        "broyden" reach the same fixed point in fewer energy-gradient evaluations).
+      free_stop: "never" runs exactly t1 steps (the papers); "converged" stops each example at
+        `free_tol` (at most t1 steps).
+      free_tol: relative-residual tolerance for `free_stop="converged"` and the solvers.
+      solver_options: extra keyword options for `solvers.solve` (e.g. (("memory", 5),)).
+      implicit_options: extra options for the implicit-gradient backward solve.
+    """
+
+    energy: EnergyConfig = EnergyConfig()
+    t1: int = 250
+    t2: int = 30
+    beta: float = 0.5
+    random_sign: bool = False
+    estimator: str = "symmetric"
+    free_method: str = "picard"
+    free_stop: str = "never"
+    free_tol: float = 1e-4
+    solver_options: tuple[tuple[str, Any], ...] = ()
+    implicit_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "solver_options", tuple(map(tuple, self.solver_options)))
+        object.__setattr__(self, "implicit_options", tuple(map(tuple, self.implicit_options)))
+        if self.t1 < 1 or self.t2 < 1:
+            raise ValueError(f"t1 and t2 must be >= 1; got t1={self.t1}, t2={self.t2}.")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}.")
+        if self.free_stop not in ("never", "converged"):
+            raise ValueError(f"free_stop must be 'never' or 'converged'; got {self.free_stop!r}.")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0 (the sign is set by the phase); got {self.beta}.")
+
+
+def config_from_dict(model: Any) -> EPConfig:
+    """Builds an `EPConfig` from a mapping / ConfigDict with the fields of `EnergyConfig` and
+    `EPConfig` side by side (e.g. `config.model` of experiments/configs/ep_cnn.py)."""
+    d = dict(model)
+    e_fields = {f.name for f in dataclasses.fields(EnergyConfig)}
+    p_fields = {f.name for f in dataclasses.fields(EPConfig)} - {"energy"}
+    unknown = set(d) - e_fields - p_fields
+    if unknown:
+        raise ValueError(f"Unknown EP model fields {sorted(unknown)}.")
+    e = EnergyConfig(**{k: v for k, v in d.items() if k in e_fields})
+    opts = {k: tuple(dict(d[k]).items()) for k in ("solver_options", "implicit_options") if k in d}
+    rest = {k: v for k, v in d.items() if k in p_fields and k not in opts}
+    return EPConfig(energy=e, **rest, **opts)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def init(
+    key: jax.Array, config: EnergyConfig | EPConfig, *, scale: float = 1.0, dtype=jnp.float32
+) -> Params:
+    """PyTorch-default init: w, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform(a=sqrt 5)).
+
+    Args:
+      key: PRNG key.
+      config: the architecture (or an `EPConfig`).
+      scale: multiplies every weight (the reference's optional per-layer init scaling).
+      dtype: parameter dtype.
+
+    Returns:
+      `Params`: conv layers (w [k, k, C_in, C_out]), fc layers, then the readout / output layer.
+    """
+    if isinstance(config, EPConfig):
+        config = config.energy
+    layers = []
+    shapes = config.param_shapes
+    for k, (ws, bs) in zip(jax.random.split(key, len(shapes)), shapes, strict=True):
+        fan_in = math.prod(ws[:-1])
+        bound = 1.0 / math.sqrt(fan_in)
+        kw, kb = jax.random.split(k)
+        w = jax.random.uniform(kw, ws, dtype, -bound, bound) * scale
+        b = jax.random.uniform(kb, bs, dtype, -bound, bound)
+        layers.append(Layer(w, b))
+    return tuple(layers)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def _maps(cfg: EnergyConfig):
+    """The free and nudged update maps for `solvers.solve` (closures over the static config)."""
+
+    def free(z: States, args) -> States:
+        params, x = args
+        return energy.step(params, x, z, config=cfg)
+
+    def nudged(z: States, args) -> States:
+        params, x, y, beta = args
+        return energy.step(params, x, z, config=cfg, beta=beta, y=y)
+
+    return free, nudged
+
+
+def free_phase(
+    params: Params,
+    x: ArrayLike,
+    config: EPConfig,
+    *,
+    steps: int | None = None,
+    s0: States | None = None,
+    record: int = 0,
+    grad: str = "none",
+    method: str | None = None,
+    stop: str | None = None,
+    **grad_options: Any,
+) -> solvers.Solution:
+    """Free phase (beta = 0): s <- sigma(dPhi/ds) from zeros, on the fixed-point engine.
+
+    Args:
+      params: `Params`.
+      x: [B, H, W, C] images in [0, 1].
+      config: `EPConfig`; by default Picard, `stop="never"`, exactly `config.t1` steps.
+      steps: max steps (default `config.t1`).
+      s0: initial states (default zeros).
+      record: keep the first `record` iterates in `Solution.trajectory`.
+      grad: how the result is differentiated w.r.t. params and x: "none" (default; not
+        differentiable, plain while loop), "unrolled" (BPTT through the steps), "implicit" (IFT),
+        "phantom".
+      method, stop: override `config.free_method` / `config.free_stop`.
+      **grad_options: forwarded to `solvers.solve` (e.g. grad_steps, backward solver options).
+
+    Returns:
+      `solvers.Solution` with `z` the free states s*.
+    """
+    x = jnp.asarray(x)
+    energy.check_inputs(x, config.energy)
+    dtype = params[0].w.dtype
+    if s0 is None:
+        s0 = energy.zero_states(config.energy, x.shape[0], dtype)
+    free, _ = _maps(config.energy)
+    options = dict(config.solver_options)
+    if grad == "implicit":
+        options.update(dict(config.implicit_options))
+    options.update(grad_options)
+    return solvers.solve(
+        free,
+        s0,
+        (params, x.astype(dtype)),
+        method=method or config.free_method,
+        max_steps=config.t1 if steps is None else steps,
+        tol=config.free_tol,
+        record=record,
+        grad=grad,
+        stop=stop or config.free_stop,
+        **options,
+    )
+
+
+def nudged_phase(
+    params: Params,
+    x: ArrayLike,
+    y: ArrayLike,
+    s_init: States,
+    beta: ArrayLike,
+    config: EPConfig,
+    *,
+    steps: int | None = None,
+) -> States:
+    """Nudged phase: `steps` (default t2) Picard steps s <- sigma(d(Phi - beta L)/ds) from s_init.
+
+    Args:
+      params: `Params`.
+      x: [B, H, W, C] images.
+      y: [B] int labels.
+      s_init: states to start from (the free fixed point s*).
+      beta: signed nudging strength (scalar, may be traced).
+      config: `EPConfig`.
+      steps: number of steps (default `config.t2`).
+
+    Returns:
+      The nudged states s^beta (not differentiable; EP never differentiates through phases).
+    """
+    _, nudged = _maps(config.energy)
+    dtype = params[0].w.dtype
+    args = (params, jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(beta, dtype))
+    sol = solvers.solve(
+        nudged,
+        s_init,
+        jax.lax.stop_gradient(args),
+        method="picard",
+        max_steps=config.t2 if steps is None else steps,
+        tol=config.free_tol,
+        record=0,
+        grad="none",
+        stop="never",
+    )
+    return jax.lax.stop_gradient(sol.z)
+
+
+class EPAux(NamedTuple):
+    """Diagnostics of one EP gradient computation (all [B] or scalar)."""
+
+    loss: Array  # [B] loss at the free fixed point
+    correct: Array  # [B] prediction correct at the free fixed point
+    residual: Array  # [B] free-phase relative residual
+    beta: Array  # scalar, the signed beta of the first nudged phase
+
+
+def ep_gradient(
+    params: Params,
+    x: ArrayLike,
+    y: ArrayLike,
+    config: EPConfig,
+    *,
+    key: jax.Array | None = None,
+    estimator: str | None = None,
+    beta: ArrayLike | None = None,
+) -> tuple[Params, EPAux]:
+    """EP estimate of d(mean loss at s*)/d(params).
+
+    Symmetric: -(dPhi/dtheta(s^{+b}, +b) - dPhi/dtheta(s^{-b}, -b)) / (2 b);
+    one-sided: -(dPhi/dtheta(s^{b}, b) - dPhi/dtheta(s*, 0)) / b. Phi is batch-averaged, so the
+    result has the scale of the gradient of the batch-mean loss (what the optimizer expects).
+
+    Args:
+      params: `Params`.
+      x: [B, H, W, C] images in [0, 1].
+      y: [B] int labels.
+      config: `EPConfig`.
+      key: PRNG key; required when `config.random_sign`.
+      estimator: override `config.estimator`.
+      beta: override `config.beta` (positive; may be traced).
+
+    Returns:
+      (gradient pytree like params, `EPAux`).
+    """
+    estimator = estimator or config.estimator
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}.")
+    x = jnp.asarray(x, params[0].w.dtype)
+    y = jnp.asarray(y, jnp.int32)
+    cfg = config.energy
+    sol = free_phase(jax.lax.stop_gradient(params), x, config)
+    s_star = jax.lax.stop_gradient(sol.z)
+    beta = jnp.asarray(config.beta if beta is None else beta, x.dtype)
+    if config.random_sign:
+        if key is None:
+            raise ValueError("ep_gradient: random_sign=True needs a PRNG key.")
+        beta = jnp.where(jax.random.bernoulli(key), beta, -beta)
+    s_a = nudged_phase(params, x, y, s_star, beta, config)
+    if estimator == "symmetric":
+        s_b, beta_b, denom = nudged_phase(params, x, y, s_star, -beta, config), -beta, 2.0 * beta
+    else:
+        s_b, beta_b, denom = s_star, jnp.zeros_like(beta), beta
+
+    def contrast(p: Params) -> Array:
+        phi_a = energy.Phi(p, x, s_a, config=cfg, beta=beta, y=y)
+        phi_b = energy.Phi(p, x, s_b, config=cfg, beta=beta_b, y=y)
+        return (jnp.mean(phi_b) - jnp.mean(phi_a)) / denom
+
+    grads = jax.grad(contrast)(params)
+    logits = energy.readout(params, s_star, cfg)
+    aux = EPAux(
+        loss=energy.loss(params, s_star, y, cfg),
+        correct=jnp.argmax(logits, -1) == y,
+        residual=sol.residual,
+        beta=beta,
+    )
+    return grads, aux
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def predict(params: Params, x: ArrayLike, config: EPConfig, *, steps: int | None = None) -> Array:
+    """Class scores [B, K] after the free phase (t1 steps by default); not differentiable (use
+    `classifier` for attack gradients)."""
+    sol = free_phase(params, x, config, steps=steps)
+    return energy.readout(params, sol.z, config.energy)
+
+
+def logits_fn(params: Params, x: ArrayLike, config: EPConfig) -> Array:
+    """Alias of `predict` with the configured free phase."""
+    return predict(params, x, config)
+
+
+def trajectory(
+    params: Params, x: ArrayLike, config: EPConfig, *, steps: int | None = None
+) -> Array:
+    """Readout at every free-phase step: [T, B, K], entry t = after t+1 steps (T = t1 default).
+
+    Memory grows with T x B x (state size); call it on modest batches.
+    """
+    t = config.t1 if steps is None else steps
+    sol = free_phase(params, x, config, steps=t, record=t, stop="never")
+    return jax.vmap(lambda z: energy.readout(params, z, config.energy))(sol.trajectory.z)
+
+
+def loss_at_fixed_point(
+    params: Params, x: ArrayLike, y: ArrayLike, config: EPConfig, *, grad: str = "implicit"
+) -> Array:
+    """Mean loss at the free fixed point, differentiable by the engine's `grad` mode (the quantity
+    the EP gradient estimates)."""
+    sol = free_phase(params, x, config, grad=grad)
+    return jnp.mean(energy.loss(params, sol.z, jnp.asarray(y), config.energy))
+
+
+def classifier(
+    params: Params,
+    ep_config: EPConfig,
+    *,
+    gradient: str = "exact",
+    gradient_steps: int | None = None,
+    name: str = "ep_cnn",
+):
+    """An `eqrobust.models.Classifier` for attacks and evaluation.
+
+    The forward value is always the t1-step prediction. The input gradient comes from:
+      "exact": autodiff (BPTT) through the same t1 steps that make the prediction;
+      "bptt": `gradient_steps` steps from zero state (the AdvEP attack), implemented as
+              value_T + (logits_t - stop_gradient(logits_t)) — flagged as a depth mismatch unless
+              gradient_steps == t1;
+      "implicit": implicit function theorem at the t1-step state (engine's implicit mode).
+
+    Args:
+      params: `Params`.
+      ep_config: `EPConfig` (t1 = prediction depth).
+      gradient: one of "exact", "bptt", "implicit".
+      gradient_steps: steps for "bptt" (required there; ignored otherwise).
+      name: classifier name.
+
+    Returns:
+      `eqrobust.models.Classifier` with logits_fn, trajectory_fn and the depth/gradient metadata.
+    """
+    from eqrobust.models import Classifier  # lazy: keeps ep importable without flax models
+
+    if gradient not in GRADIENT_MODES:
+        raise ValueError(f"gradient must be one of {GRADIENT_MODES}; got {gradient!r}.")
+    if gradient == "bptt":
+        if gradient_steps is None or gradient_steps < 1:
+            raise ValueError(
+                "gradient='bptt' needs gradient_steps >= 1 (e.g. 29, AdvEP's default)."
+            )
+    elif gradient_steps is not None:
+        raise ValueError(f"gradient_steps applies to gradient='bptt' only (got {gradient!r}).")
+    cfg = ep_config
+    t = cfg.t1
+
+    if gradient == "exact":
+
+        def logits(x):
+            sol = free_phase(params, x, cfg, grad="unrolled")
+            return energy.readout(params, sol.z, cfg.energy)
+
+    elif gradient == "implicit":
+
+        def logits(x):
+            sol = free_phase(params, x, cfg, grad="implicit")
+            return energy.readout(params, sol.z, cfg.energy)
+
+    else:
+
+        def logits(x):
+            value = jax.lax.stop_gradient(predict(params, x, cfg))
+            short = free_phase(params, x, cfg, steps=gradient_steps, stop="never", grad="unrolled")
+            lt = energy.readout(params, short.z, cfg.energy)
+            return value + (lt - jax.lax.stop_gradient(lt))
+
+    suffix = f"{gradient}{gradient_steps}" if gradient == "bptt" else gradient
+    return Classifier(
+        logits_fn=logits,
+        name=f"{name}[T={t},grad={suffix}]",
+        trajectory_fn=lambda x: trajectory(params, x, cfg),
+        prediction_depth=t,
+        gradient_mode=gradient,
+        gradient_depth=gradient_steps if gradient == "bptt" else t,
+    )

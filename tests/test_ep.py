@@ -1,0 +1,240 @@
+"""Tests for eqrobust.ep and EP training: EP gradient vs implicit gradient, phases, classifiers."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqrobust import energy, ep
+from eqrobust.energy import EnergyConfig, Layer
+
+
+def _params(seed, cfg: EnergyConfig, dtype=np.float64, scale=0.5):
+    """Small weights, positive biases: a contractive free phase with units off the clamp kinks."""
+    rng = np.random.default_rng(seed)
+    return tuple(
+        Layer(
+            jnp.asarray(scale * rng.standard_normal(ws) / np.sqrt(np.prod(ws[:-1])), dtype),
+            jnp.asarray(0.5 + 0.5 * rng.uniform(size=bs), dtype),
+        )
+        for ws, bs in cfg.param_shapes
+    )
+
+
+def _cos(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / np.linalg.norm(np.ravel(b)))
+
+
+@pytest.mark.parametrize("output", ["softmax", "mse"])
+def test_ep_gradient_matches_implicit_gradient(output):
+    """On a converged network, EP -> d loss(s*) / d theta as beta -> 0 (symmetric: O(beta^2))."""
+    e = EnergyConfig(
+        in_shape=(6, 6, 1), num_classes=3, channels=(3, 4), paddings=(1, 1), fc=(5,), output=output
+    )
+    cfg = ep.EPConfig(energy=e, t1=80, t2=80, beta=0.1, free_tol=1e-14)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        params = _params(1, e)
+        x = jnp.asarray(rng.uniform(size=(4, 6, 6, 1)))
+        y = jnp.asarray(rng.integers(0, 3, 4))
+
+        @jax.jit
+        def grads(params, betas):
+            g_imp = jax.grad(lambda p: ep.loss_at_fixed_point(p, x, y, cfg, grad="implicit"))(
+                params
+            )
+            g_ep = {
+                est: jax.vmap(
+                    lambda b, est=est: ep.ep_gradient(params, x, y, cfg, beta=b, estimator=est)
+                )(betas)
+                for est in ep.ESTIMATORS
+            }
+            return g_imp, g_ep
+
+        betas = (0.2, 0.05)
+        g_imp, g_ep = grads(params, jnp.asarray(betas))
+        assert float(g_ep["symmetric"][1].residual.max()) < 1e-12  # free phase converged
+        for est, order in (("symmetric", 2), ("one_sided", 1)):
+            for layer in range(len(params)):
+                for leaf in ("w", "b"):
+                    ref = getattr(g_imp[layer], leaf)
+                    errs = []
+                    for i in range(len(betas)):
+                        got = getattr(g_ep[est][0][layer], leaf)[i]
+                        assert _cos(got, ref) >= 0.99, (est, layer, leaf, betas[i])
+                        errs.append(_rel(got, ref))
+                    # error shrinks like beta^order (beta ratio 4); allow slack, and a float floor
+                    assert errs[1] < max(errs[0] / (4**order) * 2.0, 1e-9), (est, layer, leaf, errs)
+        assert max(_rel(a.w[1], b.w) for a, b in zip(g_ep["symmetric"][0], g_imp)) < 1e-2
+
+
+def _tiny(output="softmax", t1=6):
+    e = EnergyConfig(in_shape=(6, 6, 1), num_classes=3, channels=(3,), paddings=(1,), fc=(4,))
+    e = dataclasses.replace(e, output=output)
+    return ep.EPConfig(energy=e, t1=t1, t2=3, beta=0.5)
+
+
+def test_free_phase_is_t1_picard_steps_and_trajectory():
+    cfg = _tiny(t1=7)
+    params = ep.init(jax.random.PRNGKey(0), cfg)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 6, 6, 1)), jnp.float32)
+
+    @jax.jit
+    def run(params, x):
+        sol = ep.free_phase(params, x, cfg)
+        s = energy.zero_states(cfg.energy, 3)
+        loop = []
+        for _ in range(cfg.t1):
+            s = energy.step(params, x, s, config=cfg.energy)
+            loop.append(energy.readout(params, s, cfg.energy))
+        return sol, s, jnp.stack(loop), ep.trajectory(params, x, cfg), ep.predict(params, x, cfg)
+
+    sol, s_loop, loop_logits, traj, pred = run(params, x)
+    assert np.all(np.asarray(sol.steps) == cfg.t1)
+    for a, b in zip(sol.z, s_loop, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert traj.shape == (cfg.t1, 3, 3)
+    np.testing.assert_allclose(traj, loop_logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(traj[-1], pred, rtol=1e-6, atol=1e-6)
+
+
+def test_anderson_and_convergence_stop_reach_the_picard_fixed_point():
+    e = EnergyConfig(in_shape=(6, 6, 1), num_classes=3, channels=(3, 4), paddings=(1, 1), fc=(5,))
+    with jax.enable_x64(True):
+        params = _params(2, e, scale=0.7)
+        x = jnp.asarray(np.random.default_rng(3).uniform(size=(5, 6, 6, 1)))
+        ref_cfg = ep.EPConfig(energy=e, t1=150)
+        fast = ep.EPConfig(energy=e, t1=150, free_stop="converged", free_tol=1e-9)
+        anderson = ep.EPConfig(
+            energy=e, t1=150, free_method="anderson", free_stop="converged", free_tol=1e-9
+        )
+
+        @jax.jit
+        def run(params, x):
+            return tuple(ep.free_phase(params, x, c) for c in (ref_cfg, fast, anderson))
+
+        ref, conv, anders = run(params, x)
+        for sol in (conv, anders):
+            assert bool(jnp.all(sol.converged))
+            for a, b in zip(sol.z, ref.z, strict=True):
+                np.testing.assert_allclose(a, b, atol=1e-8)
+        assert int(conv.steps.max()) < 150
+        assert int(anders.steps.max()) <= int(conv.steps.max())
+
+
+def test_classifier_metadata_values_and_gradients():
+    cfg = _tiny(t1=6)
+    params = ep.init(jax.random.PRNGKey(1), cfg)
+    x = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 6, 6, 1)), jnp.float32)
+    exact = ep.classifier(params, cfg)
+    bptt = ep.classifier(params, cfg, gradient="bptt", gradient_steps=3)
+    bptt_full = ep.classifier(params, cfg, gradient="bptt", gradient_steps=6)
+    implicit = ep.classifier(params, cfg, gradient="implicit")
+    assert (exact.prediction_depth, exact.gradient_mode, exact.gradient_depth) == (6, "exact", 6)
+    assert exact.gradient_matches_prediction and implicit.gradient_matches_prediction
+    assert (bptt.gradient_mode, bptt.gradient_depth) == ("bptt", 3)
+    assert not bptt.gradient_matches_prediction and bptt_full.gradient_matches_prediction
+    assert exact.trajectory_fn is not None
+
+    def unrolled_logits(x, steps):  # the reference: a Python loop of `steps` updates
+        s = energy.zero_states(cfg.energy, x.shape[0])
+        for _ in range(steps):
+            s = energy.step(params, x, s, config=cfg.energy)
+        return energy.readout(params, s, cfg.energy)
+
+    w = jnp.asarray([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]])
+
+    @jax.jit
+    def check(x):
+        out = {}
+        for name, c in (("exact", exact), ("bptt", bptt), ("implicit", implicit)):
+            out[name] = jax.value_and_grad(lambda x, c=c: jnp.sum(w * c.logits_fn(x)))(x)
+        for t in (3, 6):
+            out[f"t{t}"] = jax.value_and_grad(lambda x, t=t: jnp.sum(w * unrolled_logits(x, t)))(x)
+        return out
+
+    out = check(x)
+    for name in ("exact", "bptt", "implicit"):  # forward value: always the T-step prediction
+        np.testing.assert_allclose(out[name][0], out["t6"][0], rtol=1e-5)
+    np.testing.assert_allclose(out["exact"][1], out["t6"][1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["bptt"][1], out["t3"][1], rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(out["exact"][1])).sum() > 0
+    with pytest.raises(ValueError, match="gradient_steps"):
+        ep.classifier(params, cfg, gradient="bptt")
+    with pytest.raises(ValueError, match="gradient must be"):
+        ep.classifier(params, cfg, gradient="phantom")
+
+
+def test_paper_configs_are_the_reference_constants_and_take_a_train_step(tmp_path):
+    from eqrobust import data as data_lib
+    from eqrobust.train import ep as ep_train
+    from experiments.configs import ep_cnn
+
+    c10, c100 = ep_cnn.get_config("paper"), ep_cnn.get_config("paper_cifar100")
+    assert tuple(c10.model.channels) == (128, 256, 512, 512)
+    assert tuple(c100.model.channels) == (128, 256, 512, 1024)
+    for c in (c10, c100):
+        assert tuple(c.model.paddings) == (1, 1, 1, 0) and c.model.kernel_size == 3
+        assert (c.model.t1, c.model.t2, c.batch_size, c.num_epochs) == (250, 30, 128, 120)
+        assert tuple(c.optimizer.lrs) == (0.25, 0.15, 0.1, 0.08, 0.05)
+        assert (c.optimizer.weight_decay, c.optimizer.momentum) == (3e-4, 0.9)
+        assert (c.optimizer.schedule, c.optimizer.cosine_epochs, c.optimizer.lr_min) == (
+            "cosine",
+            100,
+            1e-5,
+        )
+        assert c.model.estimator == "symmetric" and c.model.output == "softmax"
+        assert c.trainer == "ep"
+    assert (c10.model.beta, c100.model.beta) == (0.5, 1.0)
+    assert c10.model.std_scale == 3.0 and c100.model.std is None
+
+    # The paper network on CIFAR-shaped generated data: one EP training step. Only the batch and the
+    # phase lengths are cut for CPU; every architectural setting is the paper's.
+    c = ep_cnn.get_config("paper")
+    c.dataset = "synthetic"
+    c.dataset_options = dict(num_train=4, num_test=4, shape=(32, 32, 3), num_classes=10)
+    c.batch_size, c.model.t1, c.model.t2 = 2, 3, 2
+    ds = data_lib.load("synthetic", **c.dataset_options)
+    cfg = ep_train.build_ep_config(c, ds)
+    assert cfg.energy.state_shapes[-1] == (1, 1, 512)
+    np.testing.assert_allclose(cfg.energy.std, np.array([0.2023, 0.1994, 0.2010]) * 3, rtol=1e-6)
+    trained = ep_train.train(c, tmp_path / "paper", stop_at_step=1)
+    assert int(trained.state["step"]) == 1
+    p0 = ep.init(jax.random.PRNGKey(c.seed), cfg)
+    moved = [float(jnp.abs(a.w - b.w).max()) for a, b in zip(trained.state["params"], p0)]
+    assert all(m > 0 for m in moved)
+    assert trained.classifier.prediction_depth == 3
+
+
+def test_smoke_training_learns_synthetic_data(tmp_path):
+    from eqrobust.train import get_trainer
+    from experiments.configs import ep_cnn
+
+    c = ep_cnn.get_config("smoke")
+    trained = get_trainer(c.trainer)(c, tmp_path / "smoke")
+    accs = [r["test_accuracy"] for r in trained.history]
+    assert accs[-1] >= 0.6, accs  # chance is 0.1
+    assert trained.classifier.gradient_mode == "exact"
+    # resuming a finished run only loads it
+    again = get_trainer(c.trainer)(c, tmp_path / "smoke")
+    assert again.history[-1]["test_accuracy"] == accs[-1]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="estimator"):
+        ep.EPConfig(estimator="two_sided")
+    with pytest.raises(ValueError, match="beta"):
+        ep.EPConfig(beta=0.0)
+    with pytest.raises(ValueError, match="Unknown EP model fields"):
+        ep.config_from_dict({"channels": (2,), "paddings": (1,), "gamma": 1})
+    cfg = _tiny()
+    params = ep.init(jax.random.PRNGKey(0), cfg)
+    with pytest.raises(ValueError, match="Expected images"):
+        ep.predict(params, jnp.zeros((2, 5, 5, 1)), cfg)
