@@ -23,7 +23,7 @@ _LOWEST = ("example", "batch", "last")
 _METHOD_OPTIONS = {
     "picard": {},
     "anderson": {"memory": 5, "lam": 1e-4, "beta": 1.0},
-    "broyden": {"memory": None},
+    "broyden": {"memory": None, "restart": True},
 }
 _GRAD_OPTIONS = {
     "implicit": {
@@ -175,14 +175,23 @@ def _picard_init(w0, fw0, opts):
     return ()
 
 
-def _picard_step(F, w, fw, mstate, i, opts):
-    del i
+def _picard_step(F, w, fw, mstate, i, active, opts):
+    del i, active
     d = opts["damping"]
     if d == 0.0:
         w_new = fw  # exactly f(z): the EP free phase, bitwise equal to a plain loop
     else:
         w_new = jax.tree.map(lambda a, b: (1.0 - d) * a + d * b, fw, w)
     return w_new, F(w_new), mstate
+
+
+def _write_slot(buf: jax.Array, slot: jax.Array, val: jax.Array, active: jax.Array) -> jax.Array:
+    """buf[:, slot] = val for active examples; frozen examples keep their buffers bitwise.
+
+    Masking only the written slot keeps the per-step cost O(B D), not O(B m D).
+    """
+    old = lax.dynamic_index_in_dim(buf, slot, 1, keepdims=False)
+    return lax.dynamic_update_index_in_dim(buf, jnp.where(active[:, None], val, old), slot, 1)
 
 
 def _anderson_init(w0, fw0, opts):
@@ -193,7 +202,7 @@ def _anderson_init(w0, fw0, opts):
     return (xs, fs)
 
 
-def _anderson_step(F, w, fw, mstate, i, opts):
+def _anderson_step(F, w, fw, mstate, i, active, opts):
     """Anderson acceleration (type II) over the last min(i+1, m) iterates, per example."""
     del w, fw
     xs, fs = mstate
@@ -219,17 +228,18 @@ def _anderson_step(F, w, fw, mstate, i, opts):
         w_new = w_new + (1.0 - beta) * jnp.sum(alpha[..., None] * xs, axis=1)
     fw_new = F(w_new)
     slot = (i + 1) % m
-    xs = lax.dynamic_update_index_in_dim(xs, w_new, slot, 1)
-    fs = lax.dynamic_update_index_in_dim(fs, fw_new, slot, 1)
+    xs = _write_slot(xs, slot, w_new, active)
+    fs = _write_slot(fs, slot, fw_new, active)
     return w_new, fw_new, (xs, fs)
 
 
 def _broyden_init(w0, fw0, opts):
-    del fw0
     m = opts["memory"]
     b, dim = w0.shape
-    # Inverse Jacobian estimate of g(z) = f(z) - z is  B = -I + sum_j u_j v_j^T  (zero slots add 0).
-    return (jnp.zeros((b, m, dim), w0.dtype), jnp.zeros((b, m, dim), w0.dtype))
+    # Inverse Jacobian estimate of g(z) = f(z) - z:  B = -I + sum_j u_j v_j^T  (zero slots add 0).
+    # Also carried: B g at the current iterate (-g for B = -I), updated by rank-1 corrections.
+    zeros = jnp.zeros((b, m, dim), w0.dtype)
+    return (zeros, zeros, w0 - fw0)
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -238,31 +248,44 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def _broyden_step(F, w, fw, mstate, i, opts):
-    """Good Broyden on g(z) = f(z) - z with rank-1 inverse-Jacobian updates (DEQ reference)."""
-    us, vs = mstate  # [B, m, D] each
+def _broyden_step(F, w, fw, mstate, i, active, opts):
+    """Good Broyden on g(z) = f(z) - z with rank-1 inverse-Jacobian updates (DEQ reference).
+
+    Step: dz = -B g; then B += u v^T with v^T = dz^T B, u = (dz - B dg) / (v^T dg). Carrying B g
+    and using B dg = B g_new - B g, each step reads the [B, m, D] buffers twice (not three times).
+    """
+    us, vs, bg_in = mstate  # [B, m, D], [B, m, D], [B, D]
     m = opts["memory"]
+    slot = i % m
     g = fw - w
-
-    # Broadcast-and-reduce instead of batched dots: same work for small m, much faster to compile.
-    def matvec(x):  # B x
-        return -x + jnp.sum(us * jnp.sum(vs * x[:, None], axis=2, keepdims=True), axis=1)
-
-    def rmatvec(x):  # x^T B
-        return -x + jnp.sum(vs * jnp.sum(us * x[:, None], axis=2, keepdims=True), axis=1)
-
-    dx = -matvec(g)  # the first step (B = -I) is the Picard step z + g = f(z)
+    if opts["restart"]:
+        # Restarted Broyden: once the m slots are used, start again from B = -I. Slots written
+        # before the restart are masked out (cheaper than clearing the buffers).
+        keep = (jnp.arange(m) < slot).astype(us.dtype)[None, :, None]
+        bg = jnp.where(slot == 0, -g, bg_in)
+    else:
+        keep, bg = 1.0, bg_in
+    dx = -bg  # the first step (B = -I) is the Picard step z + g = f(z)
     w_new = w + dx
     fw_new = F(w_new)
-    dg = (fw_new - w_new) - g
-    vt = rmatvec(dx)
-    den = jnp.sum(vt * dg, axis=1, keepdims=True)
-    u = _safe_div(dx - matvec(dg), den)
+    g_new = fw_new - w_new
+    # Broadcast-and-reduce instead of batched dots: same work for small m, faster to compile.
+    c_dx = keep * jnp.sum(us * dx[:, None], axis=2, keepdims=True)  # U^T dz  [B, m, 1]
+    c_g = keep * jnp.sum(vs * g_new[:, None], axis=2, keepdims=True)  # V^T g_new
+    vt = -dx + jnp.sum(vs * c_dx, axis=1)  # dz^T B
+    bg_new = -g_new + jnp.sum(us * c_g, axis=1)  # B g_new, before this step's update
+    den = jnp.sum(vt * (g_new - g), axis=1, keepdims=True)
+    u = _safe_div(dx - (bg_new - bg), den)
     vt = jnp.where(jnp.isfinite(vt), vt, 0.0)
-    slot = i % m  # circular buffer: the oldest update is dropped once full (limited memory)
-    us = lax.dynamic_update_index_in_dim(us, u, slot, 1)
-    vs = lax.dynamic_update_index_in_dim(vs, vt, slot, 1)
-    return w_new, fw_new, (us, vs)
+    bg_new = bg_new + u * jnp.sum(vt * g_new, axis=1, keepdims=True)
+    if not opts["restart"]:  # circular buffer: the oldest update leaves B when its slot is reused
+        u_old = lax.dynamic_index_in_dim(us, slot, 1, keepdims=False)
+        v_old = lax.dynamic_index_in_dim(vs, slot, 1, keepdims=False)
+        bg_new = bg_new - u_old * jnp.sum(v_old * g_new, axis=1, keepdims=True)
+    us = _write_slot(us, slot, u, active)
+    vs = _write_slot(vs, slot, vt, active)
+    bg_new = jnp.where(active[:, None], bg_new, bg_in)
+    return w_new, fw_new, (us, vs, bg_new)
 
 
 _STEPS = {
@@ -324,11 +347,9 @@ def _run(F, w0, *, method, max_steps, tol, record, stop, lowest, opts, unrolled)
 
     def step(c: _Carry) -> _Carry:
         active = ~c.done if stop == "converged" else jnp.ones_like(c.done)
-        w_new, fw_new, m_new = step_m(F, c.w, c.fw, c.mstate, c.i, opts)
+        w_new, fw_new, mstate = step_m(F, c.w, c.fw, c.mstate, c.i, active, opts)
         res_new = _rel_residual(fw_new, w_new)
-        w, fw, res, mstate = _select(
-            active, (w_new, fw_new, res_new, m_new), (c.w, c.fw, c.res, c.mstate)
-        )
+        w, fw, res = _select(active, (w_new, fw_new, res_new), (c.w, c.fw, c.res))
         best_w, best_res, best_batch = c.best_w, c.best_res, c.best_batch
         if lowest == "example":
             better = res < best_res
@@ -445,7 +466,7 @@ def _check_options(method: str, grad: str, options: dict, max_steps: int) -> tup
             raise ValueError("solve: anderson needs lam >= 0 and 0 < beta <= 1.")
     if method == "broyden":
         mem = mopts["memory"]
-        mopts["memory"] = min(max_steps, 32) if mem is None else mem
+        mopts["memory"] = min(max_steps, 16) if mem is None else mem
         if not (isinstance(mopts["memory"], int) and mopts["memory"] >= 1):
             raise ValueError(f"solve: broyden memory must be an int >= 1, got {mem!r}.")
     if grad == "phantom":
@@ -489,7 +510,10 @@ def solve(
             closed over by ``f``.
         method: ``"picard"`` (``z <- (1-damping) f(z) + damping z``), ``"anderson"`` (options
             ``memory=5``, ``lam=1e-4`` (relative to the mean squared residual), ``beta=1.0``) or
-            ``"broyden"`` (option ``memory``: rank-1 updates kept, default ``min(max_steps, 32)``).
+            ``"broyden"`` (options ``memory``: rank-1 updates kept, default
+            ``min(max_steps, 16)``; ``restart=True``: reset to ``B = -I`` when the buffer is
+            full, else overwrite the oldest update; with ``memory >= max_steps``, as in the DEQ
+            reference, neither happens).
         max_steps: maximum solver steps (f-evaluations are at most ``max_steps + 1``).
         tol: relative-residual tolerance.
         damping: Picard damping in ``[0, 1)``; only for ``method="picard"``.
