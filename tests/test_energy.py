@@ -94,7 +94,9 @@ def _eom_pre(params, x, states, cfg, beta=0.0, y=None):
 
 
 CONFIGS = {
-    "conv_odd_pool_softmax": EnergyConfig(
+    "conv_odd_pool_softmax_xla": EnergyConfig(
+        pool="reduce_window",
+        conv="xla",
         in_shape=(9, 9, 2),
         num_classes=4,
         channels=(3, 5),
@@ -117,7 +119,6 @@ CONFIGS = {
         channels=(4,),
         paddings=(2,),
         fc=(7, 6),
-        pool="reshape",
         mean=(0.1, 0.2, 0.3),
         std=(1.0, 2.0, 0.5),
     ),
@@ -131,7 +132,9 @@ def test_autodiff_update_equals_equations_of_motion(name, beta):
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
         params = _params(1, cfg)
-        x = jnp.asarray(rng.uniform(size=(3, *cfg.in_shape)))
+        x = rng.uniform(size=(3, *cfg.in_shape))
+        x[0, :, : cfg.in_shape[1] // 2 + 1] = 0.0  # constant background: tied max-pool windows
+        x = jnp.asarray(x)
         states = _random_states(2, cfg, 3)
         y = jnp.asarray(rng.integers(0, cfg.num_classes, 3))
         got, want, upd = jax.jit(
@@ -199,10 +202,23 @@ def test_paper_state_shapes():
     assert cfg.param_shapes[-1] == ((512, 10), (10,))
 
 
-def test_pool_formulations_agree():
-    u = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 6, 3)), jnp.float32)
-    np.testing.assert_array_equal(
-        energy.maxpool2(u, "reduce_window"), energy.maxpool2(u, "reshape")
+@pytest.mark.parametrize("ties", [False, True])
+def test_pool_and_conv_formulations_agree(ties):
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((2, 7, 6, 3))
+    if ties:  # integer values: many tied windows; both must route the gradient to the first max
+        u = np.round(u)
+    u = jnp.asarray(u, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 3, 3, 3)), jnp.float32)
+    outs = {}
+    for impl in energy.POOL_IMPLS:
+        val, vjp = jax.vjp(lambda u, impl=impl: energy.maxpool2(u, impl), u)
+        outs[impl] = (val, vjp(g)[0])
+    np.testing.assert_array_equal(outs["reduce_window"][0], outs["reshape"][0])
+    np.testing.assert_array_equal(outs["reduce_window"][1], outs["reshape"][1])
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    np.testing.assert_allclose(
+        energy.conv(u, w, 1, "xla"), energy.conv(u, w, 1, "patches"), rtol=1e-5, atol=1e-5
     )
 
 
