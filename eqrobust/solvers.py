@@ -506,8 +506,8 @@ def solve(
         f: ``f(z, args) -> z`` with the same pytree structure, shapes and dtypes as ``z``.
         z0: initial state, pytree of floating arrays with leading batch axis ``[B, ...]``.
         args: pytree of parameters/inputs; gradients of ``sol.z`` flow to it (never to ``z0``
-            except for ``grad="unrolled"``). Differentiable quantities must be passed here, not
-            closed over by ``f``.
+            except for ``grad="unrolled"``). Values ``f`` closes over are differentiated too
+            (hoisted into the arguments with ``jax.closure_convert``).
         method: ``"picard"`` (``z <- (1-damping) f(z) + damping z``), ``"anderson"`` (options
             ``memory=5``, ``lam=1e-4`` (relative to the mean squared residual), ``beta=1.0``) or
             ``"broyden"`` (options ``memory``: rank-1 updates kept, default
@@ -576,6 +576,12 @@ def solve(
     if grad == "unrolled":
         z, steps, res, traj_z, traj_res = _solve_nodiff(f, z0, args, unrolled=True, **common)
     else:
+        # Values f closes over that are being differentiated become explicit arguments, so the
+        # forward loop carries no derivatives and the implicit gradient reaches them too.
+        f_closed, consts = jax.closure_convert(f, z0, args)
+        if consts:
+            f = lambda z, a: f_closed(z, a[0], *a[1])
+            args = (args, consts)
         z_sg, args_sg = lax.stop_gradient((z0, args))
         z, steps, res, traj_z, traj_res = _solve_nodiff(f, z_sg, args_sg, unrolled=False, **common)
         z = lax.stop_gradient(z)

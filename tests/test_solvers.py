@@ -306,6 +306,22 @@ def test_implicit_matches_unrolled_on_converged_map(problem, method):
         assert rel < 1e-4, rel
 
 
+@pytest.mark.parametrize("grad", ["implicit", "unrolled"])
+def test_gradient_reaches_values_closed_over_by_f(grad):
+    f, args, zstar = linear_problem(batch=3, top=0.8)
+
+    def loss(c):
+        fc = lambda z, a: c * f(z, a)  # c is closed over, not in args
+        z = solvers.solve(fc, jnp.zeros_like(zstar), args, grad=grad, max_steps=1000, tol=1e-12).z
+        return jnp.sum(jnp.sin(0.1 * z))
+
+    def exact(c):  # z* = (I - c A)^-1 c W x  (s = 1)
+        a, w, x, _ = args
+        return jnp.sum(jnp.sin(0.1 * jnp.linalg.solve(jnp.eye(8) - c * a, c * w @ x.T).T))
+
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(0.9), jax.grad(exact)(0.9), rtol=1e-8)
+
+
 def test_phantom_approaches_implicit():
     loss, args = _loss("conv", "picard", "implicit", max_steps=1000, tol=1e-12)
     gi = jax.grad(loss)(args)
