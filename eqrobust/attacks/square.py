@@ -136,6 +136,7 @@ def _l2_init(key: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array:
 def _square(logits_fn, x, y, key, eps, active, *, norm, queries, p_init, rescale, loss):
     b, h, w, c = x.shape
     n_feat = h * w * c
+    side = min(h, w)  # windows are square; keep them inside non-square images
     table = jnp.asarray(
         np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, h + w + 3) ** 2)]), x.dtype
     )
@@ -169,7 +170,7 @@ def _square(logits_fn, x, y, key, eps, active, *, norm, queries, p_init, rescale
         p = p_schedule(i, p_init, queries, rescale)
         ki = jax.random.split(jax.random.fold_in(k_loop, i), 6)
         if norm == "linf":
-            s = jnp.clip(jnp.round(jnp.sqrt(p * n_feat / c)).astype(jnp.int32), 1, h - 1)
+            s = jnp.clip(jnp.round(jnp.sqrt(p * n_feat / c)).astype(jnp.int32), 1, side - 1)
             vh = jax.random.randint(ki[0], (b,), 0, h - s)
             vw = jax.random.randint(ki[1], (b,), 0, w - s)
             inside, _, _ = _window(vh, vw, s, h, w)
@@ -181,7 +182,7 @@ def _square(logits_fn, x, y, key, eps, active, *, norm, queries, p_init, rescale
             x_new = jnp.take_along_axis(cand, first[None, :, None, None, None], axis=0)[0]
         else:
             s = jnp.maximum(jnp.round(jnp.sqrt(p * n_feat / c)).astype(jnp.int32), 3)
-            s = jnp.minimum(s + (s % 2 == 0), h - 1)
+            s = jnp.minimum(s + (s % 2 == 0), side - 1)
             vh = jax.random.randint(ki[0], (b,), 0, h - s)
             vw = jax.random.randint(ki[1], (b,), 0, w - s)
             vh2 = jax.random.randint(ki[2], (b,), 0, h - s)
