@@ -1,0 +1,43 @@
+# The two commands of eqrobust (see README.md):
+#   make demo   set up .venv, get Fashion-MNIST, run the robustness study at cpu scale -> runs/demo/
+#   make test   set up .venv with the test extra, run pytest and ruff
+# Extras: make bench (side-by-side PyTorch benchmarks), make clean.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test bench data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+# Fashion-MNIST IDX files from Debian's dataset-fashion-mnist package, when apt-get exists.
+data:
+	@if [ -d $(FMNIST_DIR) ]; then echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "No apt-get: put the Fashion-MNIST IDX files in a folder and pass --data_dir" \
+	  "(see README); tests that need the real data are skipped."; fi
+
+demo: $(VENV)/.installed data
+	$(PY) -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
+
+test: $(VENV)/.installed data
+	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.ep_free_phase
+	$(PY) -m benchmarks.attacks
+	$(PY) -m benchmarks.solvers_fevals
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
