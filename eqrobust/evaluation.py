@@ -76,7 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.pgd_linf = _attack(linf, 0.5, steps=20, step_size=None, random_start=True, restarts=1)
     c.autoattack_linf = _attack(linf, 0.5, version="standard")
     c.square_linf = _attack(linf, 0.5, queries=5000, p_init=0.8)
-    c.cw_l2 = _attack((0.005, 0.01, 0.1, 1.0), 100.0, steps=100, lr=0.01, confidence=0.0)
+    # C&W as run by the papers (ART defaults): `c` is the initial constant of a 10-step binary
+    # search, 10 Adam iterations per search step.
+    c.cw_l2 = _attack(
+        (0.005, 0.01, 0.1, 1.0), 100.0, steps=10, lr=0.01, confidence=0.0, binary_search_steps=10
+    )
 
     c.corruptions = ml_collections.ConfigDict()
     c.corruptions.enabled = True
@@ -96,12 +100,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.health.more_steps_factor = 5  # (c)
     c.health.more_restarts_factor = 5  # (c)
     c.health.convergence_tolerance = 0.01  # (c): 1 point
+    c.health.convergence_attacks = ("pgd_l2", "pgd_linf")  # (c) is run for these
 
     c.gallery = ml_collections.ConfigDict()
     c.gallery.num_images = 6
     c.gallery.attack = "pgd_l2"
-    c.gallery.eps = 1.5
-    c.gallery.steps = 50
+    c.gallery.eps = 1.0  # in the PGD-L2 grid: the gallery reuses that run
+    c.gallery.steps = ml_collections.FieldReference(None, field_type=int)  # None: attack's steps
     return c
 
 
@@ -456,6 +461,7 @@ def evaluate_classifier(
         return len(idx) if n is None else min(int(n), len(idx))
 
     correct_cache: dict[tuple[str, float], np.ndarray] = {}
+    gallery_adv = None  # adversarials of the gallery images when the main grid produces them
     for a_i, aname in enumerate(config.attacks):
         if aname not in ATTACKS:
             raise ValueError(f"unknown attack {aname!r} in config.attacks; known: {list(ATTACKS)}")
@@ -466,6 +472,11 @@ def evaluate_classifier(
         akey = jax.random.fold_in(key, 1000 + a_i)
         accs = []
         for v_i, value in enumerate(acfg.grid):
+            want_adv = (
+                aname == config.gallery.attack
+                and math.isclose(float(value), float(config.gallery.eps))
+                and int(config.gallery.num_images) > 0
+            )
             corr = _robust_correct(
                 classifier.logits_fn,
                 classifier.logits_fn,
@@ -478,7 +489,11 @@ def evaluate_classifier(
                 key=jax.random.fold_in(akey, v_i),
                 batch_size=bs,
                 progress=progress,
+                return_adv=want_adv,
             )
+            if want_adv:
+                corr, gallery_adv = corr
+                gallery_adv = gallery_adv[: int(config.gallery.num_images)]
             correct_cache[(aname, float(value))] = corr
             accs.append(float(corr.mean()))
             log(
@@ -541,7 +556,9 @@ def evaluate_classifier(
     t0 = time.perf_counter()
     convergence = []
     h = config.health
-    for p_i, aname in enumerate(("pgd_l2", "pgd_linf")):
+    for p_i, aname in enumerate(h.convergence_attacks):
+        if aname not in ("pgd_l2", "pgd_linf"):
+            raise ValueError(f"health.convergence_attacks must be PGD attacks, got {aname!r}")
         if aname not in result["attacks"]:
             continue
         entry = result["attacks"][aname]
@@ -613,13 +630,17 @@ def evaluate_classifier(
         )
         seconds["ep"] = time.perf_counter() - t0
 
-    # Gallery: the same test images for every model (same order), PGD-L2 at a visible eps.
+    # Gallery: the same test images for every model (same order), PGD-L2 at a visible eps;
+    # taken from the main grid when the gallery eps is part of it (no extra attack run).
     t0 = time.perf_counter()
     g = config.gallery
     ng = min(int(g.num_images), len(idx))
-    if ng > 0:
+    if ng > 0 and gallery_adv is not None and len(gallery_adv) == ng:
+        x_adv = gallery_adv
+    elif ng > 0:
         gsettings = dict(config[g.attack].settings.to_dict())
-        gsettings["steps"] = int(g.steps)
+        if g.get("steps") is not None:
+            gsettings["steps"] = int(g.steps)
         _, x_adv = _robust_correct(
             classifier.logits_fn,
             classifier.logits_fn,
@@ -634,6 +655,7 @@ def evaluate_classifier(
             progress=False,
             return_adv=True,
         )
+    if ng > 0:
         result["gallery"] = dict(
             attack=g.attack,
             eps=float(g.eps),
@@ -714,14 +736,15 @@ def _ep_analyses(
     n = len(x) if n is None else min(int(n), len(x))
     xs, ys = x[:n], y[:n]
     if classifier.trajectory_fn is not None:
+        # On the clean-accuracy examples: the last step must reproduce the clean accuracy.
         traj = _jitted_argmax(classifier.trajectory_fn)  # [T, B]
         fn = lambda xb, yb, k: (traj(xb) == yb[None]).T  # chunked over B
         corr = _run_chunked(
-            fn, xs, ys, key=key, batch_size=config.batch_size, desc="free phase", progress=False
+            fn, x, y, key=key, batch_size=config.batch_size, desc="free phase", progress=False
         )
         curve = corr.mean(axis=0)
         out["free_phase"] = dict(
-            steps=list(range(1, len(curve) + 1)), accuracy=[float(a) for a in curve], n=n
+            steps=list(range(1, len(curve) + 1)), accuracy=[float(a) for a in curve], n=len(x)
         )
         log(f"[{classifier.name}] free-phase accuracy at step T={len(curve)}: {curve[-1]:.4f}")
     else:
@@ -815,23 +838,28 @@ CLASS_NAMES = {
 }
 
 
-def ep_gradient_variants(trained, analysis: ml_collections.ConfigDict, name: str) -> list[Any]:
+def ep_gradient_variants(
+    trained, analysis: ml_collections.ConfigDict, name: str, data=None
+) -> list[Any]:
     """Classifiers of a trained EP model with other attack-gradient paths (same prediction).
 
     Args:
-      trained: `eqrobust.train.Trained` from the EP trainer (state holds the params).
+      trained: `eqrobust.train.Trained` from the EP trainer (state["params"]).
       analysis: `bptt_depths` (depths > T are dropped; T itself is the exact BPTT gradient) and
         `implicit`.
       name: display name for the variants.
+      data: the training `Dataset` (its statistics normalise the input); loaded when None.
 
     Returns:
       Classifiers: BPTT through each depth t, then the implicit gradient.
     """
     from eqrobust import ep
+    from eqrobust.train import ep as ep_train
+    from eqrobust.train.supervised import load_data
 
-    state = trained.state
-    params = state["params"] if isinstance(state, dict) else getattr(state, "params", state)
-    ep_config = ep.config_from_dict(trained.config.model)
+    data = load_data(trained.config) if data is None else data
+    params = trained.state["params"]
+    ep_config = ep_train.build_ep_config(trained.config, data)
     depths = sorted({int(t) for t in analysis.bptt_depths if int(t) <= ep_config.t1})
     out = [
         ep.classifier(params, ep_config, gradient="bptt", gradient_steps=t, name=name)
@@ -839,6 +867,21 @@ def ep_gradient_variants(trained, analysis: ml_collections.ConfigDict, name: str
     ]
     if analysis.implicit:
         out.append(ep.classifier(params, ep_config, gradient="implicit", name=name))
+    return out
+
+
+def _merged(base: ml_collections.ConfigDict, over) -> ml_collections.ConfigDict:
+    """A copy of `base` with the (nested) entries of `over` replacing its own."""
+    out = ml_collections.ConfigDict(base.to_dict())
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict | ml_collections.ConfigDict) and k in dst:
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(out, over)
     return out
 
 
@@ -875,13 +918,19 @@ def run_study(
     unknown = [k for k in keys if k not in config.models]
     if unknown:
         raise ValueError(f"model_order names {unknown} not in config.models {list(config.models)}")
-    datasets = {
-        (config.models[k].dataset, str(config.models[k].get("dataset_options"))) for k in keys
-    }
-    if len(datasets) != 1:
-        raise ValueError(f"all models of a study must use one dataset, got {sorted(datasets)}")
+    data = load_data(config.models[keys[0]])
+    for k in keys[1:]:  # every model must be evaluated on the same test split
+        other = load_data(config.models[k])
+        if not (
+            np.array_equal(other.x_test, data.x_test) and np.array_equal(other.y_test, data.y_test)
+        ):
+            raise ValueError(
+                f"models {keys[0]!r} and {k!r} have different test splits "
+                f"({config.models[keys[0]].dataset} vs {config.models[k].dataset}); a study "
+                "compares models on one dataset"
+            )
     seeds = [int(s) for s in config.seeds]
-    classifiers, run_seeds, variants = [], [], {}
+    classifiers, run_seeds, run_keys, variants = [], [], [], {}
     for key in keys:
         for seed in seeds:
             cfg = ml_collections.ConfigDict(config.models[key].to_dict())
@@ -898,18 +947,24 @@ def run_study(
             clf = dataclasses.replace(trained.classifier, name=cfg.name)
             classifiers.append(clf)
             run_seeds.append(seed)
+            run_keys.append(key)
             if cfg.trainer == "ep":
                 variants.setdefault(cfg.name, [])
                 if seed == seeds[0]:  # the depth analysis on the first seed only
-                    variants[cfg.name] = ep_gradient_variants(trained, config.ep_analysis, cfg.name)
-    data = load_data(config.models[keys[0]])
+                    variants[cfg.name] = ep_gradient_variants(
+                        trained, config.ep_analysis, cfg.name, data
+                    )
     t0 = time.perf_counter()
     models = []
-    for clf, seed in zip(classifiers, run_seeds, strict=True):
+    overrides = config.get("eval_overrides", None) or {}
+    for key, clf, seed in zip(run_keys, classifiers, run_seeds, strict=True):
         var = variants.get(clf.name, ()) if seed == seeds[0] else ()
+        ecfg = config.eval
+        if key in overrides:
+            ecfg = _merged(config.eval, overrides[key])
         models.append(
             evaluate_classifier(
-                clf, data.x_test, data.y_test, config.eval, seed=seed, gradient_variants=var
+                clf, data.x_test, data.y_test, ecfg, seed=seed, gradient_variants=var
             )
         )
     timing["evaluate all models"] = time.perf_counter() - t0

@@ -4,7 +4,7 @@
         --models=bp_cnn,adv_cnn_05 --out=runs/demo/eval2 --config.eval.pgd_l2.num_examples=1000
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from eqrobust import evaluation, report
@@ -18,6 +18,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
+        logging.set_verbosity(logging.WARNING)
     results = evaluation.run_study(
         _CONFIG.value,
         _WORKDIR.value,

@@ -17,6 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
+        logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()
     results = evaluation.run_study(_CONFIG.value, _WORKDIR.value)
     header, rows = report.summary_rows(results)

@@ -62,7 +62,6 @@ def _config(attacks, **kw):
     c.corruptions.enabled = False
     c.health.more_restarts_factor = 1
     c.gallery.num_images = 2
-    c.gallery.steps = 5
     for k, v in kw.items():
         c[k] = v
     return c
@@ -90,9 +89,10 @@ def test_linear_model_analytic_accuracy_and_healthy():
     assert res["mean_robustness"] == pytest.approx(np.mean(want_l2 + want_linf + list(sq)))
     g = res["gallery"]
     assert g["clean"].shape == g["adversarial"].shape == (2, H, W, 1)
-    assert np.all(
-        np.linalg.norm((g["adversarial"] - g["clean"]).reshape(2, -1), axis=1) <= 1.5 + 1e-5
-    )
+    assert g["eps"] == 1.0 and len(g["labels"]) == 2
+    delta = np.linalg.norm((g["adversarial"] - g["clean"]).reshape(2, -1), axis=1)
+    assert np.all(delta <= 1.0 + 1e-5)
+    assert g["pred_adversarial"] == [1 - v for v in g["labels"]]  # eps 1.0 breaks every point
 
 
 def _quantised_logits(x):

@@ -53,26 +53,42 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
 
     e = evaluation.default_config()
     c.eval = e
+    # Per-model replacements of eval entries (nested like c.eval), e.g. fewer attacks for EP.
+    c.eval_overrides = ml_collections.ConfigDict()
     if scale == "smoke":
-        c.ep_analysis.bptt_depths = (2, 4)
-        e.batch_size = 64
-        e.num_examples = 64
-        e.pgd_l2.settings.steps = 3
-        e.pgd_linf.settings.steps = 3
+        # Plumbing only: a few training steps, few examples; the costly attacks (AutoAttack,
+        # C&W) on the BP-CNN only; each distinct attack program costs one compilation.
+        for m in c.models.values():
+            m.num_steps = 6
+            m.log_every_steps = 2
+        ep.model.t1, ep.model.t2 = 6, 3  # prediction depth 6: cheap attacks through the dynamics
+        c.ep_analysis.bptt_depths = (3,)
+        e.batch_size = 32
+        e.num_examples = 32
+        for a in (e.pgd_l2, e.pgd_linf):
+            a.settings.steps = 3
         e.pgd_l2.grid, e.pgd_linf.grid = (0.31, 1.0), (3 / 255, 8 / 255)
-        e.square_linf.grid = e.autoattack_linf.grid = (3 / 255, 8 / 255)
-        e.cw_l2.grid = (0.01, 1.0)
-        e.square_linf.settings.queries = 50
-        e.autoattack_linf.num_examples = 32
-        e.cw_l2.settings.steps = 5
-        e.corruptions.names = ("gaussian_noise", "contrast", "jpeg_compression")
-        e.corruptions.severities = (1, 3, 5)
+        e.square_linf.grid = (3 / 255, 8 / 255)
+        e.autoattack_linf.grid = (8 / 255,)
+        e.autoattack_linf.large = None
+        e.autoattack_linf.num_examples = 8
+        e.cw_l2.grid = (0.01,)
+        e.cw_l2.settings.steps = 3
+        e.cw_l2.settings.binary_search_steps = 2
+        e.cw_l2.num_examples = 8
+        e.square_linf.settings.queries = 30
+        e.corruptions.names = ("gaussian_noise", "contrast")
+        e.corruptions.severities = (1, 5)
         e.ep.grid = (1.0,)
-        e.ep.num_examples = 32
+        e.ep.num_examples = 16
         e.health.more_steps_factor = 2
         e.health.more_restarts_factor = 1
+        e.health.convergence_attacks = ("pgd_l2",)
         e.gallery.num_images = 3
-        e.gallery.steps = 5
+        cheap = ml_collections.ConfigDict(dict(attacks=("pgd_l2", "pgd_linf", "square_linf")))
+        c.eval_overrides = ml_collections.ConfigDict(
+            dict(ep_cnn=cheap, adv_cnn_05=cheap, adv_cnn_10=cheap)
+        )
     elif scale == "cpu":
         c.ep_analysis.bptt_depths = (5, 10, 20, 40)
         e.batch_size = 250

@@ -1,0 +1,128 @@
+"""Tests for adversarial training's adversary, the study configs, and a smoke study end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from eqrobust import report
+from eqrobust.train import adversarial
+from experiments.configs import adv_cnn, study
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_perturb_is_l2_pgd_inside_the_ball():
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (6 * 6 * 1, 3))
+    logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w
+    x = jax.random.uniform(jax.random.key(1), (16, 6, 6, 1), minval=0.2, maxval=0.8)
+    y = jnp.argmax(logits_fn(x), -1)  # correctly classified clean points
+    adv = ml_collections.ConfigDict(
+        dict(eps=0.5, norm="l2", steps=5, step_size=None, random_start=True)
+    )
+    x_adv = adversarial.make_perturb(adv)(logits_fn, x, y, jax.random.key(2))
+    delta = np.linalg.norm(np.asarray(x_adv - x).reshape(16, -1), axis=1)
+    assert np.all(delta <= 0.5 + 1e-5) and np.all(delta > 0)
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    ce = lambda xx: optax.softmax_cross_entropy_with_integer_labels(logits_fn(xx), y)
+    assert np.all(np.asarray(ce(x_adv)) > np.asarray(ce(x)))
+    with pytest.raises(ValueError, match="eps"):
+        adversarial.make_perturb(ml_collections.ConfigDict(dict(eps=0.0, steps=3)))
+    with pytest.raises(ValueError, match="config.adv"):
+        adversarial.train(ml_collections.ConfigDict(dict(name="x")), None)
+
+
+@pytest.mark.parametrize("scale", ["smoke", "cpu", "paper"])
+def test_configs(scale):
+    a = adv_cnn.get_config(scale)
+    assert a.trainer == "adversarial" and a.adv.eps == 0.5 and a.adv.norm == "l2"
+    s = study.get_config(scale)
+    assert list(s.model_order) == ["ep_cnn", "bp_cnn", "adv_cnn_05", "adv_cnn_10"]
+    assert [s.models[k].name for k in s.model_order] == [
+        "EP-CNN",
+        "BP-CNN",
+        "Adv-CNN(0.5)",
+        "Adv-CNN(1.0)",
+    ]
+    assert s.models.adv_cnn_10.adv.eps == 1.0 and s.models.adv_cnn_05.adv.eps == 0.5
+    assert {s.models[k].dataset for k in s.model_order} == (
+        {"synthetic"} if scale == "smoke" else {"fashion_mnist"} if scale == "cpu" else {"cifar10"}
+    )
+    if scale == "paper":  # the papers' protocol: full test split for the white-box attacks
+        assert s.eval.num_examples is None and s.eval.pgd_l2.num_examples is None
+        assert s.eval.pgd_l2.grid == (0.07, 0.31, 0.49, 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        study.get_config("huge")
+
+
+def test_smoke_study_end_to_end(tmp_path):
+    """The study binary at smoke scale: trains four models, evaluates, writes a valid report."""
+    workdir = str(tmp_path / "study")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.study",
+            "--config=experiments/configs/study.py:smoke",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| EP-CNN |" in proc.stdout and "| Adv-CNN(1.0) |" in proc.stdout
+
+    js = json.load(open(os.path.join(workdir, "results.json")))
+    report.validate_results(js)
+    names = [m["name"] for m in js["models"]]
+    assert names == ["EP-CNN", "BP-CNN", "Adv-CNN(0.5)", "Adv-CNN(1.0)"]
+    for m in js["models"]:
+        assert m["clean"]["n"] == 32 and m["num_test"] == 256
+        assert set(m["attacks"]) >= {"pgd_l2", "pgd_linf", "square_linf"}
+        assert {c["id"] for c in m["health"]} == {"a", "b", "c", "d"}
+        assert m["corruptions"]["severities"] == [1, 5]
+        assert os.path.exists(os.path.join(workdir, m["gallery"]["file"]))
+    bp = js["models"][1]
+    assert bp["attacks"]["autoattack_linf"]["n"] == 8 and bp["attacks"]["cw_l2"]["n"] == 8
+    ep = js["models"][0]
+    assert ep["gradient"]["prediction_depth"] == ep["ep"]["prediction_depth"]
+    assert len(ep["ep"]["free_phase"]["accuracy"]) == ep["ep"]["prediction_depth"]
+    variants = ep["ep"]["attack_depth"]["variants"]
+    assert [(v["mode"], v["matches_prediction"]) for v in variants] == [
+        ("bptt", False),
+        ("implicit", True),
+    ]
+    # Accuracy along the free phase ends at the prediction's clean accuracy (same examples).
+    assert ep["ep"]["free_phase"]["accuracy"][-1] == pytest.approx(ep["clean"]["accuracy"])
+
+    md = open(os.path.join(workdir, "report.md")).read()
+    for section in (
+        "## Examples evaluated",
+        "## Summary",
+        "### PGD-L2",
+        "### AutoAttack-Linf",
+        "### Square-Linf",
+        "### C&W-L2",
+        "## Natural corruptions",
+        "## EP analyses",
+        "## Health checks",
+        "## Perturbation gallery",
+        "## Time budget",
+        "**subset: 32 of 256 test images**",
+        "train-or-load EP-CNN",
+    ):
+        assert section in md, section
+    for f in report.PLOTS.values():
+        assert os.path.getsize(os.path.join(workdir, f)) > 1000, f
