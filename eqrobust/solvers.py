@@ -23,7 +23,7 @@ _LOWEST = ("example", "batch", "last")
 _METHOD_OPTIONS = {
     "picard": {},
     "anderson": {"memory": 5, "lam": 1e-4, "beta": 1.0},
-    "broyden": {"memory": None, "restart": True},
+    "broyden": {"memory": None},
 }
 _GRAD_OPTIONS = {
     "implicit": {
@@ -258,13 +258,11 @@ def _broyden_step(F, w, fw, mstate, i, active, opts):
     m = opts["memory"]
     slot = i % m
     g = fw - w
-    if opts["restart"]:
-        # Restarted Broyden: once the m slots are used, start again from B = -I. Slots written
-        # before the restart are masked out (cheaper than clearing the buffers).
-        keep = (jnp.arange(m) < slot).astype(us.dtype)[None, :, None]
-        bg = jnp.where(slot == 0, -g, bg_in)
-    else:
-        keep, bg = 1.0, bg_in
+    # Restarted Broyden: once the m slots are used, start again from B = -I (dropping only the
+    # oldest update instead stagnated in our tests). Slots written before the restart are masked
+    # out, which is cheaper than clearing the buffers.
+    keep = (jnp.arange(m) < slot).astype(us.dtype)[None, :, None]
+    bg = jnp.where(slot == 0, -g, bg_in)
     dx = -bg  # the first step (B = -I) is the Picard step z + g = f(z)
     w_new = w + dx
     fw_new = F(w_new)
@@ -277,11 +275,7 @@ def _broyden_step(F, w, fw, mstate, i, active, opts):
     den = jnp.sum(vt * (g_new - g), axis=1, keepdims=True)
     u = _safe_div(dx - (bg_new - bg), den)
     vt = jnp.where(jnp.isfinite(vt), vt, 0.0)
-    bg_new = bg_new + u * jnp.sum(vt * g_new, axis=1, keepdims=True)
-    if not opts["restart"]:  # circular buffer: the oldest update leaves B when its slot is reused
-        u_old = lax.dynamic_index_in_dim(us, slot, 1, keepdims=False)
-        v_old = lax.dynamic_index_in_dim(vs, slot, 1, keepdims=False)
-        bg_new = bg_new - u_old * jnp.sum(v_old * g_new, axis=1, keepdims=True)
+    bg_new = bg_new + u * jnp.sum(vt * g_new, axis=1, keepdims=True)  # B_new g_new
     us = _write_slot(us, slot, u, active)
     vs = _write_slot(vs, slot, vt, active)
     bg_new = jnp.where(active[:, None], bg_new, bg_in)
@@ -510,10 +504,9 @@ def solve(
             (hoisted into the arguments with ``jax.closure_convert``).
         method: ``"picard"`` (``z <- (1-damping) f(z) + damping z``), ``"anderson"`` (options
             ``memory=5``, ``lam=1e-4`` (relative to the mean squared residual), ``beta=1.0``) or
-            ``"broyden"`` (options ``memory``: rank-1 updates kept, default
-            ``min(max_steps, 16)``; ``restart=True``: reset to ``B = -I`` when the buffer is
-            full, else overwrite the oldest update; with ``memory >= max_steps``, as in the DEQ
-            reference, neither happens).
+            ``"broyden"`` (option ``memory``: rank-1 updates kept, default
+            ``min(max_steps, 16)``; when the buffer is full Broyden restarts from ``B = -I``;
+            with ``memory >= max_steps``, as in the DEQ reference, it never does).
         max_steps: maximum solver steps (f-evaluations are at most ``max_steps + 1``).
         tol: relative-residual tolerance.
         damping: Picard damping in ``[0, 1)``; only for ``method="picard"``.

@@ -120,6 +120,10 @@ def test_all_methods_reach_tol_and_accelerate(problem):
         steps[method] = int(sol.steps.max())
     assert steps["anderson"] < 0.5 * steps["picard"], steps
     assert steps["broyden"] < 0.5 * steps["picard"], steps
+    if problem == "conv":  # limited memory: Broyden restarts from B = -I every 4 steps
+        sol = solvers.solve(f, z0, args, method="broyden", tol=tol, grad="none", memory=4)
+        assert bool(sol.converged.all()) and int(sol.steps.max()) > 4
+        assert tree_max_abs_diff(sol.z, zstar) < 1e-6
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.3])
