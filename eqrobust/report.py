@@ -472,6 +472,13 @@ def _subset_note(n: int, total: int) -> str:
     return f"all {total} test images" if n >= total else f"**subset: {n} of {total} test images**"
 
 
+def _subset_notes(ns: dict[str, int], total: int) -> str:
+    """One note when every model used the same examples, else one per model."""
+    if len(set(ns.values())) <= 1:
+        return _subset_note(next(iter(ns.values())), total)
+    return "; ".join(f"{name}: {_subset_note(n, total)}" for name, n in ns.items())
+
+
 def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Paper Table 1 extended: clean, per-attack mean over strengths, corruptions, mean."""
     groups = group_by_name(results)
@@ -515,12 +522,16 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
     out += desc + [""]
 
     out += ["## Examples evaluated", ""]
-    n_rows = [["clean accuracy", _subset_note(first["clean"]["n"], total)]]
-    for a, res in first["attacks"].items():
-        n_rows.append([ATTACKS[a].label, _subset_note(res["n"], total)])
-    if first["corruptions"]:
-        n_rows.append(["corruptions", _subset_note(first["corruptions"]["n"], total)])
-    for m in results["models"]:
+    runs0 = [r[0] for r in groups.values()]
+    n_rows = [["clean accuracy", _subset_notes({m["name"]: m["clean"]["n"] for m in runs0}, total)]]
+    for a in ATTACKS:
+        ns = {m["name"]: m["attacks"][a]["n"] for m in runs0 if a in m["attacks"]}
+        if ns:
+            n_rows.append([ATTACKS[a].label, _subset_notes(ns, total)])
+    ns = {m["name"]: m["corruptions"]["n"] for m in runs0 if m["corruptions"]}
+    if ns:
+        n_rows.append(["corruptions", _subset_notes(ns, total)])
+    for m in runs0:
         if m["ep"] and m["ep"]["attack_depth"]:
             n_rows.append(
                 [
@@ -528,9 +539,8 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
                     _subset_note(m["ep"]["attack_depth"]["n"], total),
                 ]
             )
-            break
     out += [md_table(["evaluation", "examples"], n_rows), ""]
-    if any(r[1].startswith("**subset") for r in n_rows):
+    if any("**subset" in r[1] for r in n_rows):
         out += [
             "Attacks marked *subset* ran on the first examples of one fixed random "
             "permutation of the test split (the same images for every model and attack; "
@@ -578,13 +588,22 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
                     )
                 )
             rows.append(row)
-        settings = ", ".join(f"{k}={v}" for k, v in res0["settings"].items())
+        per = {
+            n: ", ".join(f"{k}={v}" for k, v in runs[0]["attacks"][a]["settings"].items())
+            for n, runs in runs_by.items()
+        }
+        settings = (
+            next(iter(per.values()))
+            if len(set(per.values())) == 1
+            else "; ".join(f"{n}: {v}" for n, v in per.items())
+        )
+        ns = {n: runs[0]["attacks"][a]["n"] for n, runs in runs_by.items()}
         out += [
             f"### {spec.label} ({spec.box}-box; {settings})",
             "",
             md_table(header, rows),
             "",
-            f"Examples: {_subset_note(res0['n'], total)}.",
+            f"Examples: {_subset_notes(ns, total)}.",
             "",
         ]
 
@@ -605,7 +624,8 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
             ]
             row.append(_fmt([m["corruptions"]["mean"] for m in runs]))
             rows.append(row)
-        out += [md_table(header, rows), "", f"Examples: {_subset_note(c0['n'], total)}.", ""]
+        ns = {n: runs[0]["corruptions"]["n"] for n, runs in cor_groups.items()}
+        out += [md_table(header, rows), "", f"Examples: {_subset_notes(ns, total)}.", ""]
         cnames = list(c0["accuracy"])
         header = ["Corruption (mean over severities)"] + list(cor_groups)
         rows = [
