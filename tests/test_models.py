@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from eqrobust.models import Classifier, logits_fn
-from eqrobust.models.cnn import BPCNN, feature_size
+from eqrobust.models.cnn import BPCNN, feature_size, max_pool_2x2
 
 
 def small(in_shape=(28, 28, 1)):
@@ -41,7 +41,7 @@ def test_normalisation_inside_model():
 def _plain(m, h):
     # The model's forward pass without its input check (hand-normalised h leaves [0, 1]).
     for conv, norm in zip(m.convs, m.norms):
-        h = nnx.max_pool(nnx.relu(norm(conv(h))), (2, 2), strides=(2, 2))
+        h = max_pool_2x2(nnx.relu(norm(conv(h))))
     return m.head(h.reshape(h.shape[0], -1))
 
 
@@ -90,3 +90,8 @@ def test_classifier_gradient_path():
     ).gradient_matches_prediction
     with pytest.raises(ValueError, match="gradient_mode"):
         Classifier(f, "x", gradient_mode="magic")
+
+
+def test_max_pool_matches_flax_pool_on_odd_sizes():
+    h = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 6, 3))
+    assert jnp.array_equal(max_pool_2x2(h), nnx.max_pool(h, (2, 2), strides=(2, 2)))

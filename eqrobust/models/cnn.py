@@ -91,8 +91,26 @@ class BPCNN(nnx.Module):
         check_images(x, self.in_shape, "BPCNN")
         h = (x - self.mean.value) / self.std.value
         for conv, norm in zip(self.convs, self.norms):
-            h = nnx.max_pool(nnx.relu(norm(conv(h))), (2, 2), strides=(2, 2))
+            h = max_pool_2x2(nnx.relu(norm(conv(h))))
         return self.head(h.reshape(h.shape[0], -1))
+
+
+def max_pool_2x2(h: jax.Array) -> jax.Array:
+    """2x2 / stride-2 max pool (floor mode) as reshape + max.
+
+    Same values as `nnx.max_pool(h, (2, 2), strides=(2, 2))`; its gradient avoids XLA CPU's slow
+    select-and-scatter (about 25 % faster attack/training steps here). At exact ties the gradient
+    is shared between the tied inputs instead of going to the first one.
+
+    Args:
+        h: [B, H, W, C].
+
+    Returns:
+        [B, H // 2, W // 2, C].
+    """
+    b, hh, ww, c = h.shape
+    h = h[:, : hh - hh % 2, : ww - ww % 2]
+    return h.reshape(b, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
 
 
 def num_params(model: nnx.Module) -> int:
