@@ -2,8 +2,13 @@
 
 Run (one invocation, both frameworks, same shapes, same machine, same weights):
 
-    .venv/bin/python benchmarks/ep_free_phase.py --net=cpu --batch=128 --steps=20
+    .venv/bin/python benchmarks/ep_free_phase.py --net=cpu --batch=64 --steps=15
     .venv/bin/python benchmarks/ep_free_phase.py --net=paper --batch=4 --steps=10
+
+On a trained model (accuracy along the free phase; f-evals of convergence stopping, Anderson and
+Broyden to match the 250-step Picard prediction):
+
+    .venv/bin/python benchmarks/ep_free_phase.py --workdir=runs/ep_cnn --config=cpu
 
 For each network it prints, per free-phase step: JAX while-loop program (the engine's Picard,
 stop="never"), the same step jitted alone and called from Python, the formulations (max pool as
@@ -124,30 +129,34 @@ class TorchEP:
 # ------------------------------------------------------------------------------------- JAX
 
 
+VARIANTS = (
+    # label, pool, conv
+    ("jax while-loop, reduce_window pool + xla conv", "reduce_window", "xla"),
+    ("jax while-loop, slice pool + xla conv", "reshape", "xla"),
+    ("jax while-loop, reduce_window pool + patches conv", "reduce_window", "patches"),
+    ("jax while-loop, slice pool + patches conv [default]", "reshape", "patches"),
+)
+DEFAULT = VARIANTS[-1][0]
+
+
 def jax_variants(params, x, cfg: EnergyConfig, steps: int):
-    """name -> callable running `steps` free-phase steps (blocking)."""
+    """label -> callable running `steps` free-phase steps (blocking)."""
     out = {}
-    for label, c in (
-        ("jax while-loop (reduce_window pool, xla conv)", cfg),
-        ("jax while-loop (reshape pool)", dataclasses.replace(cfg, pool="reshape")),
-        ("jax while-loop (patches conv)", dataclasses.replace(cfg, conv="patches")),
-        (
-            "jax while-loop (reshape pool, patches conv)",
-            dataclasses.replace(cfg, pool="reshape", conv="patches"),
-        ),
-    ):
-        epc = ep.EPConfig(energy=c, t1=steps)
+    for label, pool, conv in VARIANTS:
+        epc = ep.EPConfig(energy=dataclasses.replace(cfg, pool=pool, conv=conv), t1=steps)
         f = jax.jit(lambda p, x, epc=epc: ep.free_phase(p, x, epc).z)
-        out[label] = (lambda f=f: jax.block_until_ready(f(params, x)), f)
-    one = jax.jit(lambda p, x, s: energy.step(p, x, s, config=cfg))
+        out[label] = lambda f=f: jax.block_until_ready(f(params, x))
+    for label, pool, conv in (VARIANTS[0], VARIANTS[-1]):
+        c = dataclasses.replace(cfg, pool=pool, conv=conv)
+        one = jax.jit(lambda p, x, s, c=c: energy.step(p, x, s, config=c))
 
-    def python_loop():
-        s = energy.zero_states(cfg, x.shape[0])
-        for _ in range(steps):
-            s = one(params, x, s)
-        return jax.block_until_ready(s)
+        def python_loop(one=one, c=c):
+            s = energy.zero_states(c, x.shape[0])
+            for _ in range(steps):
+                s = one(params, x, s)
+            return jax.block_until_ready(s)
 
-    out["jax single jitted step, Python loop"] = (python_loop, None)
+        out[label.replace("while-loop", "single jitted step + Python loop")] = python_loop
     return out
 
 
@@ -188,15 +197,76 @@ def run(net: str, batch: int, steps: int, repeats: int, threads: int) -> None:
     )
     t_torch = _time(lambda: tep.free_phase(xt, steps), repeats) / steps
     rows = {"pytorch autograd-of-Phi loop": t_torch}
-    for label, (fn, _) in jax_variants(params, xj, cfg, steps).items():
+    for label, fn in jax_variants(params, xj, cfg, steps).items():
         rows[label] = _time(fn, repeats) / steps
-    base = rows["jax while-loop (reduce_window pool, xla conv)"]
+    base = rows[DEFAULT]
     for label, t in rows.items():
         print(
-            f"  {label:48s} {1 / t:8.1f} steps/s  {t * 1e3:8.2f} ms/step  "
+            f"  {label:66s} {1 / t:8.1f} steps/s  {t * 1e3:8.2f} ms/step  "
             f"torch/this {t_torch / t:5.2f}  FLOP-floor fraction {flops / t / peak:5.3f}"
         )
     print(f"  ratio JAX (default) / PyTorch speed: {t_torch / base:.2f}x")
+
+
+def convergence_study(config_name: str, workdir: str, num: int, batch: int, t_ref: int) -> None:
+    """On a trained model: test accuracy along the free phase, and the energy-gradient
+    evaluations convergence stopping / Anderson / Broyden need to match the t_ref-step Picard
+    prediction."""
+    from eqrobust.train import ep as ep_train
+    from experiments.configs import ep_cnn
+
+    config = ep_cnn.get_config(config_name)
+    trained = ep_train.train(config, workdir)  # finished run: loads the last checkpoint
+    params = trained.state["params"]
+    ds = ep_train.load_data(config)
+    cfg = ep_train.build_ep_config(config, ds)
+    x_all = np.asarray(ds.x_test[:num], np.float32) / 255.0
+    y_all = np.asarray(ds.y_test[:num])
+    traj = jax.jit(lambda p, x: jnp.argmax(ep.trajectory(p, x, cfg, steps=t_ref), -1))
+    preds = np.concatenate(
+        [np.asarray(traj(params, x_all[i : i + batch])) for i in range(0, num, batch)], axis=1
+    )  # [T, N]
+    acc = (preds == y_all[None]).mean(1)
+    ref = preds[-1]
+    marks = [
+        t
+        for t in (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200, 250)
+        if t <= t_ref
+    ]
+    print(
+        f"\n== accuracy along the free phase ({config_name}, trained t1={cfg.t1}; "
+        f"{num} test images)"
+    )
+    print("  step  " + " ".join(f"{t:6d}" for t in marks))
+    print("  acc   " + " ".join(f"{acc[t - 1]:6.4f}" for t in marks))
+    print(
+        f"  agreement of step-t prediction with step-{t_ref}: "
+        + " ".join(f"{t}:{(preds[t - 1] == ref).mean():.4f}" for t in marks)
+    )
+    print(f"\n== f-evals to match the {t_ref}-step Picard prediction (mean/max per example)")
+    for method in ("picard", "anderson", "broyden"):
+        for tol in (1e-2, 1e-3, 1e-4):
+            c = dataclasses.replace(
+                cfg, t1=t_ref, free_method=method, free_stop="converged", free_tol=tol
+            )
+            run = jax.jit(
+                lambda p, x, c=c: (
+                    lambda s: (
+                        jnp.argmax(energy.readout(p, s.z, c.energy), -1),
+                        s.steps,
+                        s.converged,
+                    )
+                )(ep.free_phase(p, x, c))
+            )
+            out = [run(params, x_all[i : i + batch]) for i in range(0, num, batch)]
+            pred = np.concatenate([np.asarray(o[0]) for o in out])
+            steps = np.concatenate([np.asarray(o[1]) for o in out])
+            conv = np.concatenate([np.asarray(o[2]) for o in out])
+            print(
+                f"  {method:9s} tol {tol:.0e}: f-evals mean {steps.mean() + 1:6.1f} max "
+                f"{steps.max() + 1:4d}; agreement with Picard-{t_ref} {(pred == ref).mean():.4f};"
+                f" accuracy {(pred == y_all).mean():.4f}; converged {conv.mean():.3f}"
+            )
 
 
 def main() -> None:
@@ -206,7 +276,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", help="trained EP run: run the convergence study on it instead")
+    ap.add_argument("--config", default="cpu", help="ep_cnn.py scale of --workdir")
+    ap.add_argument("--num", type=int, default=2000, help="test images for the study")
+    ap.add_argument("--t_ref", type=int, default=250)
     a = ap.parse_args()
+    if a.workdir:
+        convergence_study(a.config, a.workdir, a.num, 200, a.t_ref)
+        return
     nets = a.net or ["cpu", "paper"]
     batches = a.batch or [128 if n == "cpu" else 4 for n in nets]
     if len(batches) != len(nets):
