@@ -109,13 +109,14 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.health.more_restarts_factor = 1
         e.gallery.num_images = 6
         ep_eval = dict(
-            pgd_l2=dict(num_examples=100),
-            pgd_linf=dict(num_examples=100),
-            autoattack_linf=dict(num_examples=25),
-            square_linf=dict(num_examples=100, settings=dict(queries=300)),
-            cw_l2=dict(num_examples=50),
-            corruptions=dict(num_examples=200),
-            health=dict(num_examples=100),
+            pgd_l2=dict(num_examples=50),
+            pgd_linf=dict(num_examples=50),
+            autoattack_linf=dict(num_examples=10),
+            square_linf=dict(num_examples=50, settings=dict(queries=200)),
+            cw_l2=dict(num_examples=25),
+            corruptions=dict(num_examples=100),
+            health=dict(num_examples=50),
+            ep=dict(num_examples=50),
         )
         c.eval_overrides = ml_collections.ConfigDict(dict(ep_cnn=ep_eval))
         # Adversarial training costs (1 + steps) x a clean step: 3-step PGD, 2 epochs.
