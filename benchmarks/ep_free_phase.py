@@ -212,6 +212,9 @@ def convergence_study(config_name: str, workdir: str, num: int, batch: int, t_re
     """On a trained model: test accuracy along the free phase, and the energy-gradient
     evaluations convergence stopping / Anderson / Broyden need to match the t_ref-step Picard
     prediction."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
     from eqrobust.train import ep as ep_train
     from experiments.configs import ep_cnn
 
