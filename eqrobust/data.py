@@ -30,7 +30,7 @@ GET_COMMAND = {
     "'mnist' (pip install 'eqrobust[tf]')",
     "cifar10": "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into DATA_DIR "
     "(archive or extracted), or prepare TFDS 'cifar10' with pip install 'eqrobust[tf]' && "
-    "python -c \"import tensorflow_datasets as tfds; "
+    'python -c "import tensorflow_datasets as tfds; '
     "tfds.builder('cifar10').download_and_prepare()\"",
     "cifar100": "download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into DATA_DIR "
     "(archive or extracted), or prepare TFDS 'cifar100' with pip install 'eqrobust[tf]'",
