@@ -35,16 +35,22 @@ class AutoAttackResult(NamedTuple):
     clean_correct: jax.Array
 
 
-def component_kwargs(name: str, *, eps: float, norm: str, num_classes: int) -> dict:
-    """Keyword arguments AutoAttack 'standard' passes to component `name` (besides key, active)."""
+def component_kwargs(
+    name: str, *, eps: float, norm: str, num_classes: int, steps: int = 100, queries: int = 5000
+) -> dict:
+    """Keyword arguments AutoAttack passes to component `name` (besides key, active).
+
+    steps=100 and queries=5000 are the 'standard' budgets; other values give a weaker,
+    non-standard AutoAttack that must be reported as such.
+    """
     n_targets = min(9, num_classes - 1)
     if name == "apgd-ce":
-        return dict(eps=eps, norm=norm, steps=100, loss="ce", restarts=1)
+        return dict(eps=eps, norm=norm, steps=steps, loss="ce", restarts=1)
     if name == "apgd-t":
         return dict(
             eps=eps,
             norm=norm,
-            steps=100,
+            steps=steps,
             loss="dlr",
             targeted=True,
             n_target_classes=n_targets,
@@ -52,10 +58,10 @@ def component_kwargs(name: str, *, eps: float, norm: str, num_classes: int) -> d
         )
     if name == "fab-t":
         return dict(
-            eps=eps, norm=norm, steps=100, targeted=True, n_target_classes=n_targets, restarts=1
+            eps=eps, norm=norm, steps=steps, targeted=True, n_target_classes=n_targets, restarts=1
         )
     if name == "square":
-        return dict(eps=eps, norm=norm, queries=5000, p_init=0.8)
+        return dict(eps=eps, norm=norm, queries=queries, p_init=0.8)
     raise ValueError(f"unknown AutoAttack component {name!r}; expected one of {COMPONENTS}")
 
 
@@ -75,6 +81,8 @@ def autoattack(
     version: str = "standard",
     active: jax.Array | None = None,
     compact: bool = True,
+    steps: int = 100,
+    queries: int = 5000,
 ) -> AutoAttackResult:
     """Standard AutoAttack: each component attacks only the points that are still robust.
 
@@ -99,6 +107,9 @@ def autoattack(
         active: optional [B] bool mask of the examples to evaluate (others: robust False,
             broken_by -1, success False).
         compact: gather the still-robust points before each component (see above).
+        steps: iterations of APGD-CE, APGD-T and FAB-T (standard: 100).
+        queries: Square's query budget (standard: 5000). Smaller budgets are for CPU-scale runs
+            on expensive classifiers and give a weaker attack; results must say so.
 
     Returns:
         AutoAttackResult.
@@ -121,7 +132,7 @@ def autoattack(
         n = int(jnp.sum(robust))
         if n == 0:
             break
-        kw = component_kwargs(name, eps=eps, norm=norm, num_classes=k)
+        kw = component_kwargs(name, eps=eps, norm=norm, num_classes=k, steps=steps, queries=queries)
         kw["key"] = jax.random.fold_in(key, j)
         size = next((m for m in (-(-b // 8), -(-b // 4), -(-b // 2)) if m >= n), b)
         if compact and size < b:
