@@ -449,3 +449,18 @@ def test_strength_ordering_on_trained_cnn(trained_cnn):
     for res in (attacks.pgd(f, x, y, key=key, eps=big), attacks.apgd(f, x, y, key=key, eps=big)):
         assert float(jnp.mean(res.success)) >= 0.97
     assert float(jnp.mean(attacks.autoattack(f, x, y, key=key, eps=big).robust)) == 0.0
+
+
+def test_autoattack_budgets_default_to_standard_and_reach_components():
+    std = {
+        n: aa_mod.component_kwargs(n, eps=0.1, norm="linf", num_classes=10)
+        for n in aa_mod.COMPONENTS
+    }
+    assert [std[n]["steps"] for n in ("apgd-ce", "apgd-t", "fab-t")] == [100] * 3
+    assert std["square"]["queries"] == 5000
+    red = {
+        n: aa_mod.component_kwargs(n, eps=0.1, norm="linf", num_classes=10, steps=7, queries=11)
+        for n in aa_mod.COMPONENTS
+    }
+    assert [red[n]["steps"] for n in ("apgd-ce", "apgd-t", "fab-t")] == [7] * 3
+    assert red["square"]["queries"] == 11
