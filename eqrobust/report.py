@@ -300,6 +300,19 @@ def _errorbar(ax, x, runs_values: list[list[float]], label: str, **kw):
         ax.plot(x, mean, label=label, marker="o", ms=3, **kw)
 
 
+def _accuracy_axis(ax: Any) -> None:
+    """An accuracy y-axis in [0, 1] with a light grid (every accuracy plot)."""
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Any, path: str) -> None:
+    """Lay out, write the PNG, and free the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_attacks(results: dict[str, Any], path: str) -> None:
     """Accuracy vs attack strength, one panel per attack, every model a line."""
     groups = group_by_name(results)
@@ -322,13 +335,10 @@ def plot_attacks(results: dict[str, Any], path: str) -> None:
         ax.set_xlabel("ε × 255" if spec.param == "eps" and spec.norm == "linf" else spec.param)
         if spec.param == "c":
             ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
+        _accuracy_axis(ax)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_corruptions(results: dict[str, Any], path: str) -> None:
@@ -343,12 +353,9 @@ def plot_corruptions(results: dict[str, Any], path: str) -> None:
         _errorbar(ax, xs, ys, mname)
     ax.set_xlabel("corruption severity")
     ax.set_ylabel("accuracy (mean over corruptions)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
+    _accuracy_axis(ax)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_free_phase(results: dict[str, Any], path: str) -> None:
@@ -362,12 +369,9 @@ def plot_free_phase(results: dict[str, Any], path: str) -> None:
         _errorbar(ax, fp["steps"], [m["ep"]["free_phase"]["accuracy"] for m in runs], mname)
     ax.set_xlabel("free-phase step t")
     ax.set_ylabel("clean accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
+    _accuracy_axis(ax)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_attack_depth(results: dict[str, Any], path: str) -> None:
@@ -411,12 +415,9 @@ def plot_attack_depth(results: dict[str, Any], path: str) -> None:
             ax.axvline(depth, color="gray", ls=":", lw=1)
     ax.set_xlabel("attack-gradient depth t (prediction always at T, dotted)")
     ax.set_ylabel("robust accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
+    _accuracy_axis(ax)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _show(ax, img: np.ndarray, title: str) -> None:
@@ -453,9 +454,7 @@ def plot_gallery(model: dict[str, Any], path: str, class_names: Sequence[str] | 
         _show(axes[2, i], 0.5 + amp * d, f"δ × {amp:.1f}")
     spec = ATTACKS[g["attack"]]
     fig.suptitle(f"{model['name']}: {spec.label} {_value_label(spec.param, g['eps'])}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ class FitResult(NamedTuple):
 
 
 def _opt(config: ml_collections.ConfigDict, name: str, default: Any) -> Any:
-    return config.get(name, default) if name in config else default
+    """config.name, or default when the field is absent or None (an unset placeholder)."""
+    value = config.get(name, None)
+    return default if value is None else value
 
 
 def make_schedule(opt_config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
