@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -331,6 +332,33 @@ def loss_at_fixed_point(
     return jnp.mean(energy.loss(params, sol.z, jnp.asarray(y), config.energy))
 
 
+@functools.lru_cache(maxsize=64)
+def _logits_program(cfg: EPConfig, gradient: str, gradient_steps: int | None):
+    """(params, x) -> logits for one gradient path; one function object per (config, path), so
+    classifiers differing only in their parameters share compiled attacks."""
+    if gradient in ("exact", "implicit"):
+        mode = "unrolled" if gradient == "exact" else "implicit"
+
+        def logits(params: Params, x: Array) -> Array:
+            sol = free_phase(params, x, cfg, grad=mode)
+            return energy.readout(params, sol.z, cfg.energy)
+
+        return logits
+
+    def logits_bptt(params: Params, x: Array) -> Array:
+        value = jax.lax.stop_gradient(predict(params, x, cfg))
+        short = free_phase(params, x, cfg, steps=gradient_steps, stop="never", grad="unrolled")
+        lt = energy.readout(params, short.z, cfg.energy)
+        return value + (lt - jax.lax.stop_gradient(lt))
+
+    return logits_bptt
+
+
+@functools.lru_cache(maxsize=64)
+def _trajectory_program(cfg: EPConfig):
+    return lambda params, x: trajectory(params, x, cfg)
+
+
 def classifier(
     params: Params,
     ep_config: EPConfig,
@@ -372,31 +400,14 @@ def classifier(
     cfg = ep_config
     t = cfg.t1
 
-    if gradient == "exact":
-
-        def logits(x):
-            sol = free_phase(params, x, cfg, grad="unrolled")
-            return energy.readout(params, sol.z, cfg.energy)
-
-    elif gradient == "implicit":
-
-        def logits(x):
-            sol = free_phase(params, x, cfg, grad="implicit")
-            return energy.readout(params, sol.z, cfg.energy)
-
-    else:
-
-        def logits(x):
-            value = jax.lax.stop_gradient(predict(params, x, cfg))
-            short = free_phase(params, x, cfg, steps=gradient_steps, stop="never", grad="unrolled")
-            lt = energy.readout(params, short.z, cfg.energy)
-            return value + (lt - jax.lax.stop_gradient(lt))
+    fn = _logits_program(cfg, gradient, gradient_steps)
+    logits = jax.tree_util.Partial(fn, params)  # params traced in the attacks' programs
 
     suffix = f"{gradient}{gradient_steps}" if gradient == "bptt" else gradient
     return Classifier(
         logits_fn=logits,
         name=f"{name}[T={t},grad={suffix}]",
-        trajectory_fn=lambda x: trajectory(params, x, cfg),
+        trajectory_fn=jax.tree_util.Partial(_trajectory_program(cfg), params),
         prediction_depth=t,
         gradient_mode=gradient,
         gradient_depth=gradient_steps if gradient == "bptt" else t,

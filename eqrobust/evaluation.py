@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -152,10 +151,17 @@ def _run_chunked(
     return np.concatenate(outs)
 
 
-@functools.lru_cache(maxsize=128)
-def _jitted_argmax(logits_fn: LogitsFn):
-    """One compiled `x -> argmax logits` per logits_fn (reused across calls and chunks)."""
-    return jax.jit(lambda x: jnp.argmax(logits_fn(x), axis=-1))
+@jax.jit
+def _argmax(logits_fn: jax.tree_util.Partial, x: Array) -> Array:
+    return jnp.argmax(logits_fn(x), axis=-1)
+
+
+def _jitted_argmax(logits_fn: LogitsFn) -> Callable[[Array], Array]:
+    """`x -> argmax logits_fn(x)`, compiled once per architecture (`as_pytree_fn`)."""
+    from eqrobust.attacks._common import as_pytree_fn
+
+    f = as_pytree_fn(logits_fn)
+    return lambda x: _argmax(f, x)
 
 
 def predict(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 250) -> np.ndarray:
@@ -176,9 +182,9 @@ def predict(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 250) -> np.
 def _attack_fn(name: str, logits_fn: LogitsFn, value: float, settings: dict[str, Any]):
     """Returns `(x, y, key) -> x_adv` for one attack at one strength.
 
-    The attacks compile themselves with `logits_fn` static and the strength traced, so one
-    compilation serves every strength of a grid; wrapping them in another jit would recompile
-    per strength.
+    The attacks compile themselves with the strength traced (and a `Partial` logits_fn's
+    parameters traced), so one compilation serves every strength of a grid and every model of
+    one architecture; wrapping them in another jit would recompile per strength.
     """
     from eqrobust import attacks  # imported lazily: the suite's structure does not need it
 

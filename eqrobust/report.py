@@ -461,6 +461,15 @@ def plot_gallery(model: dict[str, Any], path: str, class_names: Sequence[str] | 
 # Markdown
 
 
+def _reduced_autoattack(settings: dict) -> bool:
+    """Whether AutoAttack ran below the standard budget (100 steps, 5000 queries, 9 targets)."""
+    return (
+        settings.get("steps", 100) < 100
+        or settings.get("queries", 5000) < 5000
+        or settings.get("targets", 9) < 9
+    )
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -597,6 +606,10 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
             else "; ".join(f"{n}: {v}" for n, v in per.items())
         )
         ns = {n: runs[0]["attacks"][a]["n"] for n, runs in runs_by.items()}
+        if a == "autoattack_linf" and any(
+            _reduced_autoattack(runs[0]["attacks"][a]["settings"]) for runs in runs_by.values()
+        ):
+            settings += "; **reduced budget: weaker than standard AutoAttack**"
         out += [
             f"### {spec.label} ({spec.box}-box; {settings})",
             "",

@@ -95,3 +95,41 @@ def test_classifier_gradient_path():
 def test_max_pool_matches_flax_pool_on_odd_sizes():
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 6, 3))
     assert jnp.array_equal(max_pool_2x2(h), nnx.max_pool(h, (2, 2), strides=(2, 2)))
+
+
+def test_conv_impls_agree_in_value_and_input_gradient():
+    with jax.enable_x64(True):
+        x = jax.random.uniform(jax.random.PRNGKey(3), (3, 28, 28, 1), jnp.float64)
+        a, b = small(), small()  # same seed: same weights
+        b.conv_impl = "xla"
+        fa, fb = logits_fn(a), logits_fn(b)
+        assert jnp.allclose(fa(x), fb(x), atol=1e-10)
+        ga = jax.grad(lambda x: jnp.sum(fa(x) ** 2))(x)
+        gb = jax.grad(lambda x: jnp.sum(fb(x) ** 2))(x)
+        assert jnp.allclose(ga, gb, atol=1e-10)
+    with pytest.raises(ValueError, match="conv_impl"):
+        BPCNN(in_shape=(28, 28, 1), num_classes=10, conv_impl="fft", rngs=nnx.Rngs(0))
+
+
+def test_models_of_one_architecture_share_compiled_attacks():
+    from eqrobust import attacks
+    from eqrobust.attacks import _common
+    from eqrobust.attacks.pgd import _pgd
+
+    fa = logits_fn(small())
+    fb = logits_fn(
+        BPCNN(
+            in_shape=(28, 28, 1), num_classes=10, channels=(4, 8), paddings=(1, 0), rngs=nnx.Rngs(7)
+        )
+    )
+    assert fa.func is fb.func and len(jax.tree.leaves(fa)) > 0  # weights are leaves
+    x = jax.random.uniform(jax.random.PRNGKey(4), (5, 28, 28, 1))
+    y = jnp.arange(5)
+    # The weights are traced arguments, not constants of the first model's program.
+    assert jnp.allclose(_common.logits(fb, x), fb(x), atol=1e-5)
+    assert not jnp.allclose(_common.logits(fa, x), _common.logits(fb, x), atol=1e-3)
+    ra = attacks.pgd(fa, x, y, key=jax.random.key(0), eps=0.5, norm="l2", steps=2)
+    n = _pgd._cache_size()
+    rb = attacks.pgd(fb, x, y, key=jax.random.key(0), eps=0.5, norm="l2", steps=2)
+    assert _pgd._cache_size() == n  # no recompilation for the second model
+    assert not jnp.allclose(ra.x_adv, rb.x_adv)

@@ -26,6 +26,31 @@ class AttackResult(NamedTuple):
     iterations: jax.Array
 
 
+def as_pytree_fn(logits_fn: LogitsFn) -> jax.tree_util.Partial:
+    """`logits_fn` as a pytree callable for the compiled attack cores.
+
+    A `jax.tree_util.Partial` (e.g. `eqrobust.models.logits_fn`) keeps its bound arrays (the
+    model's parameters) as traced arguments, so they are not baked into the program as constants
+    and models of one architecture share one compilation. Any other callable becomes a Partial
+    without arguments: static, keyed on the function object as before.
+    """
+    if isinstance(logits_fn, jax.tree_util.Partial):
+        return logits_fn
+    if not callable(logits_fn):
+        raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
+    return jax.tree_util.Partial(logits_fn)
+
+
+@jax.jit
+def _apply(logits_fn: jax.tree_util.Partial, x: jax.Array) -> jax.Array:
+    return logits_fn(x)
+
+
+def logits(logits_fn: LogitsFn, x: jax.Array) -> jax.Array:
+    """Compiled `logits_fn(x)`, one compilation per architecture (see `as_pytree_fn`)."""
+    return _apply(as_pytree_fn(logits_fn), x)
+
+
 def check_inputs(x: jax.Array, y: jax.Array, who: str) -> tuple[jax.Array, jax.Array]:
     """Validates an attack's batch and returns (x float, y int32).
 

@@ -136,7 +136,7 @@ def _apgd_single(logits_fn, x, y, target, key, eps, active, *, norm, steps, loss
 
 @functools.partial(
     jax.jit,
-    static_argnames=("logits_fn", "norm", "steps", "loss", "targeted", "n_targets", "restarts"),
+    static_argnames=("norm", "steps", "loss", "targeted", "n_targets", "restarts"),
 )
 def _apgd(logits_fn, x, y, key, eps, active, *, norm, steps, loss, targeted, n_targets, restarts):
     order = jnp.argsort(logits_fn(x), axis=-1) if targeted else None
@@ -187,7 +187,8 @@ def apgd(
     (or -CE(target) with loss="ce"); each target runs only on examples not yet broken.
 
     Args:
-        logits_fn: x [B, H, W, C] -> logits [B, K] (static argument of the compiled attack).
+        logits_fn: x [B, H, W, C] -> logits [B, K] (a pytree argument of the compiled attack, see
+            `_common.as_pytree_fn`).
         x: [B, H, W, C] clean images in [0, 1].
         y: [B] int labels.
         key: PRNG key (random starts).
@@ -217,7 +218,7 @@ def apgd(
                 f"apgd: n_target_classes must be in [1, K - 1 = {k - 1}], got {n_target_classes}"
             )
     return _apgd(
-        logits_fn,
+        C.as_pytree_fn(logits_fn),
         x,
         y,
         key,

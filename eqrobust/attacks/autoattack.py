@@ -36,14 +36,23 @@ class AutoAttackResult(NamedTuple):
 
 
 def component_kwargs(
-    name: str, *, eps: float, norm: str, num_classes: int, steps: int = 100, queries: int = 5000
+    name: str,
+    *,
+    eps: float,
+    norm: str,
+    num_classes: int,
+    steps: int = 100,
+    queries: int = 5000,
+    targets: int = 9,
 ) -> dict:
     """Keyword arguments AutoAttack passes to component `name` (besides key, active).
 
-    steps=100 and queries=5000 are the 'standard' budgets; other values give a weaker,
-    non-standard AutoAttack that must be reported as such.
+    steps=100, queries=5000 and targets=9 are the 'standard' budgets; other values give a
+    weaker, non-standard AutoAttack that must be reported as such.
     """
-    n_targets = min(9, num_classes - 1)
+    if targets < 1:
+        raise ValueError(f"autoattack: targets must be >= 1, got {targets}")
+    n_targets = min(targets, num_classes - 1)
     if name == "apgd-ce":
         return dict(eps=eps, norm=norm, steps=steps, loss="ce", restarts=1)
     if name == "apgd-t":
@@ -83,6 +92,7 @@ def autoattack(
     compact: bool = True,
     steps: int = 100,
     queries: int = 5000,
+    targets: int = 9,
 ) -> AutoAttackResult:
     """Standard AutoAttack: each component attacks only the points that are still robust.
 
@@ -93,7 +103,8 @@ def autoattack(
     compact=False every component runs on the full batch with the broken points masked, so a
     point's trajectory equals that of the same component run alone on the same batch and key,
     and robustness is pointwise <= each component's run alone.
-    APGD-T and FAB-T need K >= 4 classes for the targeted DLR loss and use min(9, K - 1) targets.
+    APGD-T and FAB-T need K >= 4 classes for the targeted DLR loss and use min(targets, K - 1)
+    target classes (the runner-up classes by clean logit first).
 
     Args:
         logits_fn: x [B, H, W, C] -> logits [B, K] (pass the same object each call to reuse
@@ -110,6 +121,7 @@ def autoattack(
         steps: iterations of APGD-CE, APGD-T and FAB-T (standard: 100).
         queries: Square's query budget (standard: 5000). Smaller budgets are for CPU-scale runs
             on expensive classifiers and give a weaker attack; results must say so.
+        targets: target classes of APGD-T and FAB-T (standard: 9); fewer is weaker, as above.
 
     Returns:
         AutoAttackResult.
@@ -123,7 +135,7 @@ def autoattack(
     if k < 4:
         raise ValueError(f"autoattack needs at least 4 classes (targeted DLR), got K = {k}")
     act = C.active_mask(active, x.shape[0])
-    correct = ~C.misclassified(jax.jit(logits_fn)(x), y)
+    correct = ~C.misclassified(C.logits(logits_fn, x), y)
     robust = act & correct
     x_adv = x
     broken_by = jnp.where(act & ~correct, 0, -1).astype(jnp.int32)
@@ -132,7 +144,9 @@ def autoattack(
         n = int(jnp.sum(robust))
         if n == 0:
             break
-        kw = component_kwargs(name, eps=eps, norm=norm, num_classes=k, steps=steps, queries=queries)
+        kw = component_kwargs(
+            name, eps=eps, norm=norm, num_classes=k, steps=steps, queries=queries, targets=targets
+        )
         kw["key"] = jax.random.fold_in(key, j)
         size = next((m for m in (-(-b // 8), -(-b // 4), -(-b // 2)) if m >= n), b)
         if compact and size < b:

@@ -35,9 +35,7 @@ def _to_img(w: jax.Array) -> jax.Array:
     return (jnp.tanh(w) + 1.0) / 2.0
 
 
-@functools.partial(
-    jax.jit, static_argnames=("logits_fn", "steps", "binary_search_steps", "abort_early")
-)
+@functools.partial(jax.jit, static_argnames=("steps", "binary_search_steps", "abort_early"))
 def _cw(logits_fn, x, y, c0, lr, confidence, active, *, steps, binary_search_steps, abort_early):
     b = x.shape[0]
     w0 = jnp.arctanh(jnp.clip(2.0 * x - 1.0, -1 + 1e-6, 1 - 1e-6))
@@ -139,7 +137,8 @@ def cw_l2(
     interface.
 
     Args:
-        logits_fn: x [B, H, W, C] -> logits [B, K] (static argument of the compiled attack).
+        logits_fn: x [B, H, W, C] -> logits [B, K] (a pytree argument of the compiled attack, see
+            `_common.as_pytree_fn`).
         x: [B, H, W, C] clean images in [0, 1].
         y: [B] int labels.
         key: unused.
@@ -163,7 +162,7 @@ def cw_l2(
     if not c > 0 or not lr > 0 or confidence < 0:
         raise ValueError(f"cw_l2: need c > 0, lr > 0, confidence >= 0; got {c}, {lr}, {confidence}")
     return _cw(
-        logits_fn,
+        C.as_pytree_fn(logits_fn),
         x,
         y,
         jnp.asarray(c, x.dtype),

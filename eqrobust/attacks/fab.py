@@ -156,7 +156,6 @@ def _fab_single(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "logits_fn",
         "norm",
         "steps",
         "targeted",
@@ -244,7 +243,8 @@ def fab(
     Jacobian, K backward passes). An example stops once it has an adversarial point within eps.
 
     Args:
-        logits_fn: x [B, H, W, C] -> logits [B, K] (static argument of the compiled attack).
+        logits_fn: x [B, H, W, C] -> logits [B, K] (a pytree argument of the compiled attack, see
+            `_common.as_pytree_fn`).
         x: [B, H, W, C] clean images in [0, 1].
         y: [B] int labels.
         key: PRNG key (random starts of restarts after the first).
@@ -271,7 +271,7 @@ def fab(
             f"fab: n_target_classes must be in [1, K - 1 = {k - 1}], got {n_target_classes}"
         )
     return _fab(
-        logits_fn,
+        C.as_pytree_fn(logits_fn),
         x,
         y,
         key,

@@ -49,9 +49,7 @@ def _pgd_single(logits_fn, x, y, key, eps, step_size, active, *, norm, steps, ra
     return xa, iters
 
 
-@functools.partial(
-    jax.jit, static_argnames=("logits_fn", "norm", "steps", "random_start", "restarts", "loss")
-)
+@functools.partial(jax.jit, static_argnames=("norm", "steps", "random_start", "restarts", "loss"))
 def _pgd(
     logits_fn, x, y, key, eps, step_size, active, *, norm, steps, random_start, restarts, loss
 ):
@@ -101,9 +99,10 @@ def pgd(
     fresh random start) run only on examples not yet broken.
 
     Args:
-        logits_fn: x [B, H, W, C] -> logits [B, K]; a pure JAX function (jit-compatible). It is
-            a static argument of the compiled attack, so pass the same function object to reuse
-            the compilation.
+        logits_fn: x [B, H, W, C] -> logits [B, K]; a pure JAX function (jit-compatible). A
+            `jax.tree_util.Partial` passes its arrays as traced arguments (see
+            `_common.as_pytree_fn`); any other function is static, so pass the same function
+            object to reuse the compilation.
         x: [B, H, W, C] clean images in [0, 1].
         y: [B] int labels.
         key: PRNG key (random starts).
@@ -130,7 +129,7 @@ def pgd(
         raise ValueError(f"pgd: loss must be 'ce', 'dlr' or 'margin', got {loss!r}")
     ss = eps / 8.0 if step_size is None else step_size
     return _pgd(
-        logits_fn,
+        C.as_pytree_fn(logits_fn),
         x,
         y,
         key,

@@ -130,9 +130,7 @@ def _l2_init(key: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array:
     return jnp.clip(x + eps * delta, 0.0, 1.0)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("logits_fn", "norm", "queries", "p_init", "rescale", "loss")
-)
+@functools.partial(jax.jit, static_argnames=("norm", "queries", "p_init", "rescale", "loss"))
 def _square(logits_fn, x, y, key, eps, active, *, norm, queries, p_init, rescale, loss):
     b, h, w, c = x.shape
     n_feat = h * w * c
@@ -239,7 +237,8 @@ def square(
     misclassified (its margin z_y - max_{i != y} z_i drops below 0).
 
     Args:
-        logits_fn: x [B, H, W, C] -> logits [B, K] (static argument of the compiled attack).
+        logits_fn: x [B, H, W, C] -> logits [B, K] (a pytree argument of the compiled attack, see
+            `_common.as_pytree_fn`).
         x: [B, H, W, C] clean images in [0, 1].
         y: [B] int labels.
         key: PRNG key.
@@ -267,7 +266,7 @@ def square(
     if loss not in ("margin", "ce"):
         raise ValueError(f"square: loss must be 'margin' or 'ce', got {loss!r}")
     return _square(
-        logits_fn,
+        C.as_pytree_fn(logits_fn),
         x,
         y,
         key,

@@ -9,6 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eqrobust import energy
+
+CONV_IMPLS = ("patches", "xla")
+
 
 def check_images(x: jax.Array, in_shape: Sequence[int], who: str) -> None:
     """Raises ValueError unless x is a float [B, *in_shape] batch in [0, 1].
@@ -65,8 +69,15 @@ class BPCNN(nnx.Module):
         kernel_size: int = 3,
         mean: Sequence[float] | float = 0.0,
         std: Sequence[float] | float = 1.0,
+        conv_impl: str = "patches",
         rngs: nnx.Rngs,
     ):
+        """See the class docstring; `conv_impl` is "patches" (k*k shifted slices + one matmul,
+        fast on CPU, especially inside the attacks' while loops) or "xla" (lax.conv, cuDNN on
+        GPU). Both compute the same function with the same parameters."""
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+        self.conv_impl = conv_impl
         if len(channels) != len(paddings):
             raise ValueError(
                 f"channels {tuple(channels)} and paddings {tuple(paddings)} "
@@ -90,8 +101,12 @@ class BPCNN(nnx.Module):
         """x: [B, H, W, C] float in [0, 1] -> logits [B, K]."""
         check_images(x, self.in_shape, "BPCNN")
         h = (x - self.mean.value) / self.std.value
-        for conv, norm in zip(self.convs, self.norms):
-            h = max_pool_2x2(nnx.relu(norm(conv(h))))
+        for conv, norm, p in zip(self.convs, self.norms, self.paddings):
+            if self.conv_impl == "patches":
+                h = energy.conv(h, conv.kernel.get_value(), p, "patches") + conv.bias.get_value()
+            else:
+                h = conv(h)
+            h = max_pool_2x2(nnx.relu(norm(h)))
         return self.head(h.reshape(h.shape[0], -1))
 
 

@@ -42,6 +42,7 @@ def build_model(config: ml_collections.ConfigDict, data: data_lib.Dataset) -> nn
         kernel_size=int(m.get("kernel_size", 3)),
         mean=data.mean,
         std=data.std,
+        conv_impl=m.get("conv", "patches"),
         rngs=nnx.Rngs(int(config.seed)),
     )
 
