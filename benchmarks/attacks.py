@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/attacks.py            # defaults: batch 128, 28x28x1, (32, 64)
     .venv/bin/python benchmarks/attacks.py --queries 300 --threads 1   # quicker, 1 torch thread
+    .venv/bin/python benchmarks/attacks.py --conv xla   # our model with lax.conv instead
 
 Both sides run the same algorithm on the same weights and batch. Labels are the model's own
 predictions and eps is tiny, so no example is broken and every example uses the full budget
@@ -34,7 +35,7 @@ from eqrobust.models.cnn import BPCNN  # noqa: E402
 def build(args) -> tuple[BPCNN, torch_attacks.TorchBPCNN]:
     """A randomly initialised BP-CNN (random BN statistics) and its torch copy."""
     model = BPCNN(in_shape=(args.size, args.size, 1), num_classes=10, channels=args.channels,
-                  mean=0.3, std=0.35, rngs=nnx.Rngs(0))  # fmt: skip
+                  mean=0.3, std=0.35, conv_impl=args.conv, rngs=nnx.Rngs(0))  # fmt: skip
     rng = np.random.default_rng(0)
     for norm in model.norms:
         norm.mean[...] = jnp.asarray(rng.normal(size=norm.mean.shape) * 0.1, jnp.float32)
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=1e-4)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--conv", choices=("patches", "xla"), default="patches",
+                   help="BPCNN conv_impl of our side (patches: the CPU default)")  # fmt: skip
     args = p.parse_args()
     args.channels = tuple(args.channels)
     if args.threads:
@@ -77,7 +80,8 @@ def main() -> None:
     with torch.no_grad():
         diff = np.abs(tmodel(xt).numpy() - np.asarray(f(x))).max()
     print(f"device: {jax.devices()[0].device_kind}; torch threads {torch.get_num_threads()}; "
-          f"batch {args.batch}, input {args.size}x{args.size}x1, channels {args.channels}; "
+          f"batch {args.batch}, input {args.size}x{args.size}x1, channels {args.channels}, "
+          f"conv {args.conv}; "
           f"max |logits_jax - logits_torch| = {diff:.2e}")  # fmt: skip
     assert diff < 1e-3, "the torch copy of the model disagrees with the JAX model"
     key = jax.random.key(0)

@@ -382,6 +382,8 @@ def _run(F, w0, *, method, max_steps, tol, record, stop, lowest, opts, unrolled)
         # lax.while_loop is not reverse-differentiable: scan over max_steps, skipping the work
         # once every example has stopped (cond is differentiable; masked examples pass through).
         def body(c, _):
+            if stop == "never":  # every one of the max_steps steps runs: no cond to linearise
+                return step(c), None
             return lax.cond(keep_going(c), step, lambda c: c, c), None
 
         carry, _ = lax.scan(body, carry, None, length=max_steps)

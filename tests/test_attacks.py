@@ -464,3 +464,15 @@ def test_autoattack_budgets_default_to_standard_and_reach_components():
     }
     assert [red[n]["steps"] for n in ("apgd-ce", "apgd-t", "fab-t")] == [7] * 3
     assert red["square"]["queries"] == 11
+    assert [std[n]["n_target_classes"] for n in ("apgd-t", "fab-t")] == [9, 9]
+    few = {
+        n: aa_mod.component_kwargs(n, eps=0.1, norm="linf", num_classes=10, targets=3)
+        for n in ("apgd-t", "fab-t")
+    }
+    assert [few[n]["n_target_classes"] for n in few] == [3, 3]
+    # Never more targets than other classes.
+    assert aa_mod.component_kwargs("apgd-t", eps=0.1, norm="linf", num_classes=5, targets=9)[
+        "n_target_classes"
+    ] == 4
+    with pytest.raises(ValueError, match="targets"):
+        aa_mod.component_kwargs("apgd-t", eps=0.1, norm="linf", num_classes=10, targets=0)

@@ -225,3 +225,15 @@ def test_no_ep_model_says_so(tmp_path):
     md = open(paths["report"]).read()
     assert "No model with free-phase dynamics" in md
     assert "free_phase" not in paths
+
+
+def test_reduced_autoattack_budget_is_stated(tmp_path):
+    marker = "reduced budget: weaker than standard AutoAttack"
+    res = _results()
+    for m in res["models"]:
+        m["attacks"]["autoattack_linf"]["settings"] = dict(steps=100, queries=5000, targets=9)
+    md = open(report.write_report(res, str(tmp_path / "std"))["report"]).read()
+    assert marker not in md
+    res["models"][0]["attacks"]["autoattack_linf"]["settings"]["targets"] = 3
+    md = open(report.write_report(res, str(tmp_path / "red"))["report"]).read()
+    assert marker in md and "targets=3" in md
