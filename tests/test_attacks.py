@@ -471,8 +471,7 @@ def test_autoattack_budgets_default_to_standard_and_reach_components():
     }
     assert [few[n]["n_target_classes"] for n in few] == [3, 3]
     # Never more targets than other classes.
-    assert aa_mod.component_kwargs("apgd-t", eps=0.1, norm="linf", num_classes=5, targets=9)[
-        "n_target_classes"
-    ] == 4
+    five = aa_mod.component_kwargs("apgd-t", eps=0.1, norm="linf", num_classes=5, targets=9)
+    assert five["n_target_classes"] == 4
     with pytest.raises(ValueError, match="targets"):
         aa_mod.component_kwargs("apgd-t", eps=0.1, norm="linf", num_classes=10, targets=0)
