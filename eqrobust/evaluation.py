@@ -151,17 +151,11 @@ def _run_chunked(
     return np.concatenate(outs)
 
 
-@jax.jit
-def _argmax(logits_fn: jax.tree_util.Partial, x: Array) -> Array:
-    return jnp.argmax(logits_fn(x), axis=-1)
-
-
 def _jitted_argmax(logits_fn: LogitsFn) -> Callable[[Array], Array]:
-    """`x -> argmax logits_fn(x)`, compiled once per architecture (`as_pytree_fn`)."""
-    from eqrobust.attacks._common import as_pytree_fn
+    """`x -> argmax logits_fn(x)`; the logits compile once per architecture (`attacks._common`)."""
+    from eqrobust.attacks import _common
 
-    f = as_pytree_fn(logits_fn)
-    return lambda x: _argmax(f, x)
+    return lambda x: jnp.argmax(_common.logits(logits_fn, x), axis=-1)
 
 
 def predict(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 250) -> np.ndarray:
