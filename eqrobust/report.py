@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from eqrobust.attacks.autoattack import is_reduced  # noqa: E402
 from eqrobust.evaluation import ATTACKS, HEALTH_CHECKS, SCHEMA_VERSION, cell_flags  # noqa: E402
 
 PLOTS = {
@@ -461,15 +462,6 @@ def plot_gallery(model: dict[str, Any], path: str, class_names: Sequence[str] | 
 # Markdown
 
 
-def _reduced_autoattack(settings: dict) -> bool:
-    """Whether AutoAttack ran below the standard budget (100 steps, 5000 queries, 9 targets)."""
-    return (
-        settings.get("steps", 100) < 100
-        or settings.get("queries", 5000) < 5000
-        or settings.get("targets", 9) < 9
-    )
-
-
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -607,7 +599,7 @@ def markdown(results: dict[str, Any], files: dict[str, Any]) -> str:
         )
         ns = {n: runs[0]["attacks"][a]["n"] for n, runs in runs_by.items()}
         if a == "autoattack_linf" and any(
-            _reduced_autoattack(runs[0]["attacks"][a]["settings"]) for runs in runs_by.values()
+            is_reduced(runs[0]["attacks"][a]["settings"]) for runs in runs_by.values()
         ):
             settings += "; **reduced budget: weaker than standard AutoAttack**"
         out += [

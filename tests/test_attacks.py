@@ -465,6 +465,11 @@ def test_autoattack_budgets_default_to_standard_and_reach_components():
     assert [red[n]["steps"] for n in ("apgd-ce", "apgd-t", "fab-t")] == [7] * 3
     assert red["square"]["queries"] == 11
     assert [std[n]["n_target_classes"] for n in ("apgd-t", "fab-t")] == [9, 9]
+    # The defaults are the budget the report calls standard.
+    assert std["apgd-ce"]["steps"] == aa_mod.STANDARD_BUDGET["steps"]
+    assert std["square"]["queries"] == aa_mod.STANDARD_BUDGET["queries"]
+    assert std["apgd-t"]["n_target_classes"] == aa_mod.STANDARD_BUDGET["targets"]
+    assert not aa_mod.is_reduced({}) and aa_mod.is_reduced({"targets": 3})
     few = {
         n: aa_mod.component_kwargs(n, eps=0.1, norm="linf", num_classes=10, targets=3)
         for n in ("apgd-t", "fab-t")

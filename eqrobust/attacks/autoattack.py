@@ -15,6 +15,13 @@ from eqrobust.attacks.square import square
 
 # broken_by codes: -1 robust, 0 misclassified clean, j >= 1 broken by COMPONENTS[j - 1].
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+# The 'standard' budget: APGD/FAB iterations, Square queries, APGD-T/FAB-T target classes.
+STANDARD_BUDGET = {"steps": 100, "queries": 5000, "targets": 9}
+
+
+def is_reduced(settings: dict) -> bool:
+    """Whether AutoAttack settings (missing keys: standard) are below the standard budget."""
+    return any(settings.get(k, v) < v for k, v in STANDARD_BUDGET.items())
 
 
 class AutoAttackResult(NamedTuple):
