@@ -12,12 +12,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from eqrobust import energy, solvers
+from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.energy import EnergyConfig, Layer, Params, States
 
 Array = jax.Array
 
 ESTIMATORS = ("symmetric", "one_sided")
-GRADIENT_MODES = ("exact", "bptt", "implicit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,25 +333,30 @@ def loss_at_fixed_point(
 
 
 @functools.lru_cache(maxsize=64)
-def _logits_program(cfg: EPConfig, gradient: str, gradient_steps: int | None):
+def _logits_program(cfg: EPConfig, path: GradientPath):
     """(params, x) -> logits for one gradient path; one function object per (config, path), so
     classifiers differing only in their parameters share compiled attacks."""
-    if gradient in ("exact", "implicit"):
-        mode = "unrolled" if gradient == "exact" else "implicit"
+    if path.kind == "implicit" or (path.kind == "unrolled" and path.depth == cfg.t1):
+        # The gradient of the prediction itself: BPTT through its t1 steps, or the IFT.
 
         def logits(params: Params, x: Array) -> Array:
-            sol = free_phase(params, x, cfg, grad=mode)
+            sol = free_phase(params, x, cfg, grad=path.kind)
             return energy.readout(params, sol.z, cfg.energy)
 
         return logits
 
-    def logits_bptt(params: Params, x: Array) -> Array:
+    def logits_surrogate(params: Params, x: Array) -> Array:
+        # Forward value: the t1-step prediction; gradient: `path` (e.g. BPTT through fewer steps
+        # from zero state, the AdvEP attack), as value + (surrogate - stop_gradient(surrogate)).
         value = jax.lax.stop_gradient(predict(params, x, cfg))
-        short = free_phase(params, x, cfg, steps=gradient_steps, stop="never", grad="unrolled")
-        lt = energy.readout(params, short.z, cfg.energy)
+        if path.kind == "unrolled":
+            sol = free_phase(params, x, cfg, steps=path.depth, stop="never", grad="unrolled")
+        else:  # phantom: damped steps from the detached fixed point
+            sol = free_phase(params, x, cfg, grad="phantom", grad_steps=path.depth)
+        lt = energy.readout(params, sol.z, cfg.energy)
         return value + (lt - jax.lax.stop_gradient(lt))
 
-    return logits_bptt
+    return logits_surrogate
 
 
 @functools.lru_cache(maxsize=64)
@@ -363,52 +368,40 @@ def classifier(
     params: Params,
     ep_config: EPConfig,
     *,
-    gradient: str = "exact",
-    gradient_steps: int | None = None,
+    gradient: GradientPath | None = None,
     name: str = "ep_cnn",
-):
-    """An `eqrobust.models.Classifier` for attacks and evaluation.
+) -> Classifier:
+    """An `eqrobust.classifier.Classifier` for attacks and evaluation.
 
-    The forward value is always the t1-step prediction. The input gradient comes from:
-      "exact": autodiff (BPTT) through the same t1 steps that make the prediction;
-      "bptt": `gradient_steps` steps from zero state (the AdvEP attack), implemented as
-              value_T + (logits_t - stop_gradient(logits_t)) — flagged as a depth mismatch unless
-              gradient_steps == t1;
-      "implicit": implicit function theorem at the t1-step state (engine's implicit mode).
+    The forward value is always the t1-step prediction. The input gradient comes from `gradient`:
+      GradientPath("unrolled", t1) (default): autodiff (BPTT) through the same t1 steps that make
+          the prediction, i.e. the exact gradient;
+      GradientPath("unrolled", t), t != t1: t steps from zero state (the AdvEP attack), flagged as
+          a depth mismatch;
+      GradientPath("implicit"): implicit function theorem at the t1-step state;
+      GradientPath("phantom", k): k damped steps from the detached t1-step state.
 
     Args:
       params: `Params`.
       ep_config: `EPConfig` (t1 = prediction depth).
-      gradient: one of "exact", "bptt", "implicit".
-      gradient_steps: steps for "bptt" (required there; ignored otherwise).
+      gradient: the attack-gradient path (default: exact BPTT through t1 steps).
       name: classifier name.
 
     Returns:
-      `eqrobust.models.Classifier` with logits_fn, trajectory_fn and the depth/gradient metadata.
+      `Classifier` with logits_fn, trajectory_fn and the depth/gradient metadata.
     """
-    from eqrobust.models import Classifier  # lazy: keeps ep importable without flax models
-
-    if gradient not in GRADIENT_MODES:
-        raise ValueError(f"gradient must be one of {GRADIENT_MODES}; got {gradient!r}.")
-    if gradient == "bptt":
-        if gradient_steps is None or gradient_steps < 1:
-            raise ValueError(
-                "gradient='bptt' needs gradient_steps >= 1 (e.g. 29, AdvEP's default)."
-            )
-    elif gradient_steps is not None:
-        raise ValueError(f"gradient_steps applies to gradient='bptt' only (got {gradient!r}).")
     cfg = ep_config
-    t = cfg.t1
-
-    fn = _logits_program(cfg, gradient, gradient_steps)
-    logits = jax.tree_util.Partial(fn, params)  # params traced in the attacks' programs
-
-    suffix = f"{gradient}{gradient_steps}" if gradient == "bptt" else gradient
+    path = GradientPath("unrolled", cfg.t1) if gradient is None else gradient
+    if not isinstance(path, GradientPath):
+        raise ValueError(
+            f"gradient must be an eqrobust.classifier.GradientPath, got {gradient!r}; e.g. "
+            "GradientPath('unrolled', 29) for AdvEP's 29-step attack gradient"
+        )
+    fn = _logits_program(cfg, path)
     return Classifier(
-        logits_fn=logits,
-        name=f"{name}[T={t},grad={suffix}]",
+        logits_fn=jax.tree_util.Partial(fn, params),  # params traced in the attacks' programs
+        name=f"{name}[T={cfg.t1},grad={path}]",
         trajectory_fn=jax.tree_util.Partial(_trajectory_program(cfg), params),
-        prediction_depth=t,
-        gradient_mode=gradient,
-        gradient_depth=gradient_steps if gradient == "bptt" else t,
+        prediction_depth=cfg.t1,
+        gradient=path,
     )

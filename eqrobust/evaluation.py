@@ -15,6 +15,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from eqrobust.classifier import GradientPath
+
 SCHEMA_VERSION = 1
 
 Array = jax.Array
@@ -371,8 +373,8 @@ def cell_flags(checks: Sequence[dict], attack: str, value: float | None = None) 
 
 def _gradient_info(classifier) -> dict[str, Any]:
     return dict(
-        mode=classifier.gradient_mode,
-        gradient_depth=classifier.gradient_depth,
+        mode=str(classifier.gradient or "autodiff"),
+        gradient_depth=classifier.gradient.depth if classifier.gradient else None,
         prediction_depth=classifier.prediction_depth,
         matches_prediction=bool(classifier.gradient_matches_prediction),
     )
@@ -862,11 +864,11 @@ def ep_gradient_variants(
     ep_config = ep_train.build_ep_config(trained.config, data)
     depths = sorted({int(t) for t in analysis.bptt_depths if int(t) <= ep_config.t1})
     out = [
-        ep.classifier(params, ep_config, gradient="bptt", gradient_steps=t, name=name)
+        ep.classifier(params, ep_config, gradient=GradientPath("unrolled", t), name=name)
         for t in depths
     ]
     if analysis.implicit:
-        out.append(ep.classifier(params, ep_config, gradient="implicit", name=name))
+        out.append(ep.classifier(params, ep_config, gradient=GradientPath("implicit"), name=name))
     return out
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from eqrobust import energy, ep
+from eqrobust.classifier import GradientPath
 from eqrobust.energy import EnergyConfig, Layer
 
 
@@ -134,12 +135,12 @@ def test_classifier_metadata_values_and_gradients():
     params = ep.init(jax.random.PRNGKey(1), cfg)
     x = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 6, 6, 1)), jnp.float32)
     exact = ep.classifier(params, cfg)
-    bptt = ep.classifier(params, cfg, gradient="bptt", gradient_steps=3)
-    bptt_full = ep.classifier(params, cfg, gradient="bptt", gradient_steps=6)
-    implicit = ep.classifier(params, cfg, gradient="implicit")
-    assert (exact.prediction_depth, exact.gradient_mode, exact.gradient_depth) == (6, "exact", 6)
+    bptt = ep.classifier(params, cfg, gradient=GradientPath("unrolled", 3))
+    bptt_full = ep.classifier(params, cfg, gradient=GradientPath("unrolled", 6))
+    implicit = ep.classifier(params, cfg, gradient=GradientPath("implicit"))
+    assert (exact.prediction_depth, exact.gradient) == (6, GradientPath("unrolled", 6))
     assert exact.gradient_matches_prediction and implicit.gradient_matches_prediction
-    assert (bptt.gradient_mode, bptt.gradient_depth) == ("bptt", 3)
+    assert bptt.gradient == GradientPath("unrolled", 3)
     assert not bptt.gradient_matches_prediction and bptt_full.gradient_matches_prediction
     assert exact.trajectory_fn is not None
 
@@ -166,10 +167,10 @@ def test_classifier_metadata_values_and_gradients():
     np.testing.assert_allclose(out["exact"][1], out["t6"][1], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out["bptt"][1], out["t3"][1], rtol=1e-4, atol=1e-6)
     assert np.abs(np.asarray(out["exact"][1])).sum() > 0
-    with pytest.raises(ValueError, match="gradient_steps"):
+    with pytest.raises(ValueError, match="depth"):
+        GradientPath("unrolled")
+    with pytest.raises(ValueError, match="GradientPath"):
         ep.classifier(params, cfg, gradient="bptt")
-    with pytest.raises(ValueError, match="gradient must be"):
-        ep.classifier(params, cfg, gradient="phantom")
 
 
 def test_paper_configs_are_the_reference_constants_and_take_a_train_step(tmp_path):
@@ -221,7 +222,7 @@ def test_smoke_training_learns_synthetic_data(tmp_path):
     trained = get_trainer(c.trainer)(c, tmp_path / "smoke")
     accs = [r["test_accuracy"] for r in trained.history]
     assert accs[-1] >= 0.6, accs  # chance is 0.1
-    assert trained.classifier.gradient_mode == "exact"
+    assert trained.classifier.gradient_matches_prediction
     # resuming a finished run only loads it
     again = get_trainer(c.trainer)(c, tmp_path / "smoke")
     assert again.history[-1]["test_accuracy"] == accs[-1]

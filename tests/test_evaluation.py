@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from eqrobust import evaluation
-from eqrobust.models import Classifier
+from eqrobust.models import Classifier, GradientPath
 
 H = W = 8
 # L2 distances of the test points to the decision boundary; chosen away from every eps of the
@@ -130,8 +130,7 @@ def test_shallow_gradient_flags_d():
         logits_fn=_linear_logits(w),
         name="shallow",
         prediction_depth=10,
-        gradient_mode="bptt",
-        gradient_depth=3,
+        gradient=GradientPath("unrolled", 3),
     )
     c = _config(("pgd_l2",))
     c.pgd_l2.grid, c.pgd_l2.large, c.gallery.num_images = (0.31,), None, 0
@@ -140,11 +139,11 @@ def test_shallow_gradient_flags_d():
     assert len(d) == 1 and not d[0]["passed"] and "MISMATCH" in d[0]["message"]
     assert "gradient depth 3, prediction depth 10" in d[0]["message"]
     assert res["gradient"] == dict(
-        mode="bptt", gradient_depth=3, prediction_depth=10, matches_prediction=False
+        mode="unrolled(3)", gradient_depth=3, prediction_depth=10, matches_prediction=False
     )
     assert "d" in evaluation.cell_flags(res["health"], "pgd_l2", 0.31)
     # Same classifier with matching depths passes (d).
-    ok = dataclasses.replace(clf, gradient_depth=10)
+    ok = dataclasses.replace(clf, gradient=GradientPath("unrolled", 10))
     assert evaluation.health_checks(
         dict(res, gradient=evaluation._gradient_info(ok)), evaluation.default_config()
     )[-1]["passed"]
@@ -166,7 +165,7 @@ def test_ep_analyses_judge_with_prediction():
         name="ep-like",
         trajectory_fn=trajectory_fn,
         prediction_depth=T,
-        gradient_mode="exact",
+        gradient=GradientPath("unrolled", T),
     )
     # A variant whose gradient is orthogonal to w: the attack moves but cannot change s.
     w_orth = np.roll(w, 1, axis=0)
@@ -176,8 +175,7 @@ def test_ep_analyses_judge_with_prediction():
         logits_fn=lambda xb: jax.lax.stop_gradient(pred(xb)) + g(xb) - jax.lax.stop_gradient(g(xb)),
         name="ep-like",
         prediction_depth=T,
-        gradient_mode="bptt",
-        gradient_depth=2,
+        gradient=GradientPath("unrolled", 2),
     )
     c = _config(("pgd_l2",))
     c.pgd_l2.settings.random_start = False  # the blind variant then cannot move along w at all

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from eqrobust.models import Classifier, logits_fn
+from eqrobust.models import Classifier, GradientPath, logits_fn
 from eqrobust.models.cnn import BPCNN, feature_size, max_pool_2x2
 
 
@@ -79,17 +79,15 @@ def test_logits_fn_is_pure_eval_mode():
 def test_classifier_gradient_path():
     f = lambda x: x
     assert Classifier(f, "ff").gradient_matches_prediction
-    assert Classifier(
-        f, "ep", prediction_depth=250, gradient_mode="implicit"
-    ).gradient_matches_prediction
-    assert not Classifier(
-        f, "ep", prediction_depth=250, gradient_mode="bptt", gradient_depth=29
-    ).gradient_matches_prediction
-    assert Classifier(
-        f, "ep", prediction_depth=250, gradient_mode="bptt", gradient_depth=250
-    ).gradient_matches_prediction
-    with pytest.raises(ValueError, match="gradient_mode"):
-        Classifier(f, "x", gradient_mode="magic")
+    ep = lambda g: Classifier(f, "ep", prediction_depth=250, gradient=g)
+    assert ep(GradientPath("implicit")).gradient_matches_prediction
+    assert not ep(GradientPath("unrolled", 29)).gradient_matches_prediction
+    assert ep(GradientPath("unrolled", 250)).gradient_matches_prediction
+    assert not ep(GradientPath("phantom", 5)).gradient_matches_prediction
+    with pytest.raises(ValueError, match="kind"):
+        GradientPath("bptt", 3)
+    with pytest.raises(ValueError, match="no depth"):
+        GradientPath("implicit", 3)
 
 
 def test_max_pool_matches_flax_pool_on_odd_sizes():

@@ -1,62 +1,48 @@
-"""Flax NNX feedforward networks and the classifier interface every attack and evaluation sees."""
+"""Flax NNX networks, the model registry (`build_model`) and the pure `logits_fn` of a model."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import ml_collections
 from flax import nnx
 
-GRADIENT_MODES = ("exact", "bptt", "implicit", "phantom")
+from eqrobust.classifier import Classifier, GradientPath
+
+__all__ = ["MODELS", "Classifier", "GradientPath", "build_model", "logits_fn", "register_model"]
+
+# Builder(model_config, data, rngs) -> nnx.Module, where `model_config` is config.model and
+# `data` provides image_shape, num_classes, mean and std (an `eqrobust.data.Dataset`).
+Builder = Callable[[ml_collections.ConfigDict, Any, nnx.Rngs], nnx.Module]
+MODELS: dict[str, Builder] = {}
 
 
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-    """A classifier as attacks and the evaluation suite see it.
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: registers `builder(model_config, data, rngs) -> nnx.Module` under `name`."""
 
-    Attributes:
-        logits_fn: x [B, H, W, C] float in [0, 1] -> logits [B, K]. Its forward value is the
-            model's real prediction; attacks differentiate it.
-        name: display name.
-        trajectory_fn: optional x -> readout logits along the dynamics, [T, B, K] (EP/DEQ).
-        prediction_depth: solver / free-phase steps behind the prediction (None: feedforward).
-        gradient_mode: how logits_fn's gradient is obtained: "exact" (autodiff of the prediction
-            path itself), "bptt" (backprop through `gradient_depth` steps that may differ from the
-            prediction's), "implicit" (implicit function theorem at the fixed point), "phantom".
-        gradient_depth: steps the gradient comes from ("bptt", "phantom").
+    def register(builder: Builder) -> Builder:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        MODELS[name] = builder
+        return builder
+
+    return register
+
+
+def build_model(config: ml_collections.ConfigDict, data: Any) -> nnx.Module:
+    """The network named by `config.model.name` for this dataset's shape, classes and statistics.
+
+    Args:
+        config: a training config with `model` (`name` plus the architecture's fields) and `seed`.
+        data: `eqrobust.data.Dataset` (image_shape, num_classes, mean, std).
     """
-
-    logits_fn: Callable[[jax.Array], jax.Array]
-    name: str
-    trajectory_fn: Callable[[jax.Array], jax.Array] | None = None
-    prediction_depth: int | None = None
-    gradient_mode: str = "exact"
-    gradient_depth: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.gradient_mode not in GRADIENT_MODES:
-            raise ValueError(
-                f"gradient_mode must be one of {GRADIENT_MODES}, got {self.gradient_mode!r}"
-            )
-
-    @property
-    def gradient_matches_prediction(self) -> bool:
-        """Whether the attack gradient is the gradient of the prediction path itself."""
-        if self.gradient_mode in ("exact", "implicit"):
-            return True
-        return self.gradient_depth is not None and self.gradient_depth == self.prediction_depth
-
-    def describe_gradient(self) -> str:
-        """One line naming the gradient path and the prediction path."""
-        pred = (
-            f"prediction depth {self.prediction_depth}" if self.prediction_depth else "feedforward"
-        )
-        grad = self.gradient_mode + (
-            f" ({self.gradient_depth} steps)" if self.gradient_depth else ""
-        )
-        return f"gradient: {grad}; {pred}"
+    name = config.model.get("name", "bp_cnn")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {sorted(MODELS)}")
+    return MODELS[name](config.model, data, nnx.Rngs(int(config.seed)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,3 +67,7 @@ def logits_fn(model: nnx.Module) -> jax.tree_util.Partial:
     """
     graphdef, state = nnx.split(model)
     return jax.tree_util.Partial(_eval_apply(graphdef), state)
+
+
+# Registering modules last: they import the registry above.
+from eqrobust.models import cnn  # noqa: E402, F401

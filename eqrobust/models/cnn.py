@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from eqrobust import energy
+from eqrobust.models import register_model
 
 CONV_IMPLS = ("patches", "xla")
 
@@ -126,6 +127,22 @@ def max_pool_2x2(h: jax.Array) -> jax.Array:
     b, hh, ww, c = h.shape
     h = h[:, : hh - hh % 2, : ww - ww % 2]
     return h.reshape(b, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
+
+
+@register_model("bp_cnn")
+def build_bp_cnn(m, data, rngs: nnx.Rngs) -> BPCNN:
+    """The BP-CNN of `config.model` (channels, paddings, kernel_size, conv) for `data`."""
+    return BPCNN(
+        in_shape=data.image_shape,
+        num_classes=data.num_classes,
+        channels=tuple(m.channels),
+        paddings=tuple(m.paddings),
+        kernel_size=int(m.get("kernel_size", 3)),
+        mean=data.mean,
+        std=data.std,
+        conv_impl=m.get("conv", "patches"),
+        rngs=rngs,
+    )
 
 
 def num_params(model: nnx.Module) -> int:

@@ -127,5 +127,5 @@ def train(
         stop_at_step=stop_at_step,
     )
     params = result.state["params"]
-    clf = ep.classifier(params, cfg, gradient="exact", name=config.get("name", "EP-CNN"))
+    clf = ep.classifier(params, cfg, name=config.get("name", "EP-CNN"))
     return Trained(clf, result.state, result.history, config)

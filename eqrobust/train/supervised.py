@@ -13,8 +13,7 @@ import optax
 from flax import nnx
 
 from eqrobust import data as data_lib
-from eqrobust.models import Classifier, logits_fn
-from eqrobust.models.cnn import BPCNN
+from eqrobust.models import Classifier, build_model, logits_fn
 from eqrobust.train import Trained
 from eqrobust.train.loop import fit, make_optimizer
 
@@ -27,24 +26,6 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     kwargs = dict(config.get("dataset_options", {}) or {})
     ds = data_lib.load(config.dataset, data_dir=config.get("data_dir", None), **kwargs)
     return ds.subset(config.get("num_train", None), config.get("num_test", None))
-
-
-def build_model(config: ml_collections.ConfigDict, data: data_lib.Dataset) -> nnx.Module:
-    """The BP-CNN described by config.model for this dataset's shape and statistics."""
-    m = config.model
-    if m.get("name", "bp_cnn") != "bp_cnn":
-        raise ValueError(f"unknown model {m.name!r}; supervised training supports 'bp_cnn'")
-    return BPCNN(
-        in_shape=data.image_shape,
-        num_classes=data.num_classes,
-        channels=tuple(m.channels),
-        paddings=tuple(m.paddings),
-        kernel_size=int(m.get("kernel_size", 3)),
-        mean=data.mean,
-        std=data.std,
-        conv_impl=m.get("conv", "patches"),
-        rngs=nnx.Rngs(int(config.seed)),
-    )
 
 
 def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
