@@ -215,8 +215,8 @@ def convergence_study(config_name: str, workdir: str, num: int, batch: int, t_re
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
+    from eqrobust.configs import ep_cnn
     from eqrobust.train import ep as ep_train
-    from experiments.configs import ep_cnn
 
     config = ep_cnn.get_config(config_name)
     trained = ep_train.train(config, workdir)  # finished run: loads the last checkpoint

@@ -67,7 +67,7 @@ class EPConfig:
 
 def config_from_dict(model: Any) -> EPConfig:
     """Builds an `EPConfig` from a mapping / ConfigDict with the fields of `EnergyConfig` and
-    `EPConfig` side by side (e.g. `config.model` of experiments/configs/ep_cnn.py)."""
+    `EPConfig` side by side (e.g. `config.model` of eqrobust/configs/ep_cnn.py)."""
     d = dict(model)
     e_fields = {f.name for f in dataclasses.fields(EnergyConfig)}
     p_fields = {f.name for f in dataclasses.fields(EPConfig)} - {"energy"}

@@ -898,7 +898,7 @@ def run_study(
     """Trains (or loads finished runs of) every model of a study, evaluates them, writes the report.
 
     Args:
-      config: see experiments/configs/study.py (models, model_order, seeds, ep_analysis, eval).
+      config: see eqrobust/configs/study.py (models, model_order, seeds, ep_analysis, eval).
       workdir: model runs go to workdir/<model key> (workdir/<key>-seed<s> with several seeds).
       out_dir: report.md, results.json, plots and galleries go here (default: workdir).
       only: model keys to include (default: config.model_order).

@@ -175,8 +175,8 @@ def test_classifier_metadata_values_and_gradients():
 
 def test_paper_configs_are_the_reference_constants_and_take_a_train_step(tmp_path):
     from eqrobust import data as data_lib
+    from eqrobust.configs import ep_cnn
     from eqrobust.train import ep as ep_train
-    from experiments.configs import ep_cnn
 
     c10, c100 = ep_cnn.get_config("paper"), ep_cnn.get_config("paper_cifar100")
     assert tuple(c10.model.channels) == (128, 256, 512, 512)
@@ -215,8 +215,8 @@ def test_paper_configs_are_the_reference_constants_and_take_a_train_step(tmp_pat
 
 
 def test_smoke_training_learns_synthetic_data(tmp_path):
+    from eqrobust.configs import ep_cnn
     from eqrobust.train import get_trainer
-    from experiments.configs import ep_cnn
 
     c = ep_cnn.get_config("smoke")
     trained = get_trainer(c.trainer)(c, tmp_path / "smoke")

@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from eqrobust import evaluation, report
+from eqrobust.configs import adv_cnn, study
 from eqrobust.train import adversarial
-from experiments.configs import adv_cnn, study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eqrobust.configs import bp_cnn
 from eqrobust.train import get_trainer, loop, supervised
-from experiments.configs import bp_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 

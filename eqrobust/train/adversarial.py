@@ -54,7 +54,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path | None, **kwarg
     """Trains (or resumes, or loads) the BP-CNN of `config` on PGD adversarial examples.
 
     Args:
-      config: a BP-CNN config plus `adv` (see experiments/configs/adv_cnn.py).
+      config: a BP-CNN config plus `adv` (see eqrobust/configs/adv_cnn.py).
       workdir: checkpoints and metrics.
       **kwargs: passed to `supervised.train` (e.g. stop_at_step).
 

@@ -83,7 +83,7 @@ def train(
     """Trains (or resumes, or loads if finished) the EP-CNN of `config` with EP.
 
     Args:
-      config: see experiments/configs/ep_cnn.py.
+      config: see eqrobust/configs/ep_cnn.py.
       workdir: checkpoints and metrics.jsonl go here (None: nothing saved).
       stop_at_step: stop early at this step as if interrupted.
 

@@ -43,7 +43,7 @@ def train(
     """Trains (or resumes, or just loads if finished) the model of `config`.
 
     Args:
-        config: see experiments/configs/bp_cnn.py.
+        config: see eqrobust/configs/bp_cnn.py.
         workdir: checkpoints and metrics.jsonl go here (None: nothing saved).
         perturb: optional adversary; the model is trained on perturb(eval_logits, x, y, key).
         stop_at_step: stop early at this step as if interrupted (tests, time budgets).

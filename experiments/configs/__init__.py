@@ -1,1 +1,1 @@
-"""Config files: each has get_config(scale) for scale in smoke / cpu / paper."""
+"""Shims: the configs live in `eqrobust.configs` (installed with the package); these paths keep `--config=experiments/configs/<name>.py:<scale>` working."""

@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections), installed with the package; each file has `get_config(scale)`."""

@@ -1,0 +1,142 @@
+"""The robustness study: EP-CNN, BP-CNN, Adv-CNN(0.5), Adv-CNN(1.0) trained (or loaded), attacked,
+corrupted, health-checked and reported.
+
+Run:
+    python -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
+    (`make demo`; <= 20 minutes on 2 cores including training; report in runs/demo/report.md)
+
+Scales:
+    smoke  tiny models on synthetic 28x28 data, 64 test examples, few attack steps; < 2 minutes
+           for the whole study (tests/test_study.py).
+    cpu    Fashion-MNIST, the models' cpu configs; clean and corruption accuracy on explicit
+           subsets, attacks on 500 test images (PGD) / 100 (AutoAttack, Square, C&W) with
+           reduced query/iteration/target budgets, fewer for the EP-CNN; every subset is stated
+           in the report.
+    paper  the models' paper configs (CIFAR-10) and the papers' evaluation grid on the full test
+           split (Square: 600 images as in the paper); GPU.
+"""
+
+import ml_collections
+
+from eqrobust import evaluation
+from eqrobust.configs import adv_cnn, bp_cnn, ep_cnn
+
+SCALES = ("smoke", "cpu", "paper")
+
+
+def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
+    """The study config at `scale`."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    c = ml_collections.ConfigDict()
+    c.scale = scale
+    c.title = f"Robustness study ({scale} scale)"
+    c.seeds = (0,)
+
+    ep = ep_cnn.get_config(scale)
+    ep.name = "EP-CNN"
+    bp = bp_cnn.get_config(scale)
+    bp.name = "BP-CNN"
+    adv05 = adv_cnn.get_config(scale)
+    adv05.adv.eps, adv05.name = 0.5, "Adv-CNN(0.5)"
+    adv10 = adv_cnn.get_config(scale)
+    adv10.adv.eps, adv10.name = 1.0, "Adv-CNN(1.0)"
+    c.models = ml_collections.ConfigDict(
+        dict(ep_cnn=ep, bp_cnn=bp, adv_cnn_05=adv05, adv_cnn_10=adv10)
+    )
+    c.model_order = ("ep_cnn", "bp_cnn", "adv_cnn_05", "adv_cnn_10")
+
+    # EP analyses: attack gradients from t BPTT steps (t > T dropped; t = T is the exact one)
+    # and from the implicit gradient; prediction always at the model's T.
+    c.ep_analysis = ml_collections.ConfigDict()
+    c.ep_analysis.bptt_depths = (10, 20, 30, 40, 50, 60, 70, 250)
+    c.ep_analysis.implicit = True
+
+    e = evaluation.default_config()
+    c.eval = e
+    # Per-model replacements of eval entries (nested like c.eval), e.g. fewer attacks for EP.
+    c.eval_overrides = ml_collections.ConfigDict()
+    if scale == "smoke":
+        # Plumbing only: a few training steps, few examples. Each distinct attack program costs
+        # one compilation, shared by the three CNNs (one architecture); the costly attacks
+        # (AutoAttack, C&W) are skipped for the EP-CNN, whose programs are all its own.
+        for m in c.models.values():
+            m.num_steps = 6
+            m.log_every_steps = 2
+        ep.model.t1, ep.model.t2 = 6, 3  # prediction depth 6: cheap attacks through the dynamics
+        c.ep_analysis.bptt_depths = (3,)
+        e.batch_size = 32
+        e.num_examples = 32
+        for a in (e.pgd_l2, e.pgd_linf):
+            a.settings.steps = 3
+        e.pgd_l2.grid, e.pgd_linf.grid = (0.31, 1.0), (3 / 255, 8 / 255)
+        e.square_linf.grid = (3 / 255, 8 / 255)
+        e.autoattack_linf.grid = (8 / 255,)
+        e.autoattack_linf.large = None
+        e.autoattack_linf.num_examples = 8
+        e.autoattack_linf.settings.update(dict(steps=10, queries=100, targets=3))
+        e.cw_l2.grid = (0.01,)
+        e.cw_l2.settings.steps = 3
+        e.cw_l2.settings.binary_search_steps = 2
+        e.cw_l2.num_examples = 8
+        e.square_linf.settings.queries = 30
+        e.corruptions.names = ("gaussian_noise", "contrast")
+        e.corruptions.severities = (1, 5)
+        e.ep.grid = (1.0,)
+        e.ep.num_examples = 16
+        e.health.more_steps_factor = 2
+        e.health.more_restarts_factor = 1
+        e.health.convergence_attacks = ("pgd_l2",)
+        e.gallery.num_images = 3
+        cheap = ml_collections.ConfigDict(dict(attacks=("pgd_l2", "pgd_linf", "square_linf")))
+        c.eval_overrides = ml_collections.ConfigDict(dict(ep_cnn=cheap))
+    elif scale == "cpu":
+        # Budget (make demo, 2 idle cores, <= 20 min incl. training): explicit subsets and
+        # reduced budgets, all stated in the report. Attacks through the EP free phase cost ~T x
+        # a CNN attack, so the EP-CNN gets smaller subsets (eval_overrides). AutoAttack runs with
+        # fewer APGD/FAB iterations, Square queries and target classes than the standard budget
+        # (the report says so). The three CNNs share one architecture, so they share every
+        # compiled attack (the weights are traced arguments).
+        c.ep_analysis.bptt_depths = (5, 10)
+        e.batch_size = 250
+        e.num_examples = 1000  # clean accuracy and corruption base set
+        e.pgd_l2.num_examples = 500
+        e.pgd_linf.num_examples = 500
+        e.autoattack_linf.num_examples = 100
+        e.autoattack_linf.settings.update(dict(steps=20, queries=500, targets=3))
+        e.square_linf.num_examples = 100
+        e.square_linf.settings.queries = 1000
+        e.cw_l2.num_examples = 100
+        # The papers' C&W (10 Adam steps per constant) lands on the same point for every initial
+        # constant (Adam's first steps ignore the loss scale), so two constants show it.
+        e.cw_l2.grid = (0.01, 1.0)
+        e.corruptions.num_examples = 500
+        e.ep.num_examples = 100
+        e.ep.grid = (0.31, 1.0)
+        e.health.num_examples = 100
+        e.health.more_restarts_factor = 1
+        e.gallery.num_images = 6
+        ep_eval = dict(
+            pgd_l2=dict(num_examples=100),
+            pgd_linf=dict(num_examples=100),
+            autoattack_linf=dict(num_examples=20, settings=dict(steps=10, queries=100, targets=3)),
+            square_linf=dict(num_examples=50, settings=dict(queries=200)),
+            cw_l2=dict(num_examples=25),
+            corruptions=dict(num_examples=200),
+            health=dict(num_examples=50),
+            ep=dict(num_examples=50),
+        )
+        c.eval_overrides = ml_collections.ConfigDict(dict(ep_cnn=ep_eval))
+        # Training budget: BP-CNN 2 epochs (its standalone cpu config trains 6; 2 reach about the
+        # EP-CNN's clean accuracy); adversarial training costs (1 + steps) x a clean step: 3-step
+        # PGD, 1 epoch.
+        bp.num_epochs = bp.optimizer.cosine_epochs = 2
+        ep.eval_every_epochs = ep.num_epochs  # the study measures clean accuracy itself
+        for m in (adv05, adv10):
+            m.num_epochs = 1
+            m.optimizer.cosine_epochs = 1
+    elif scale == "paper":
+        c.seeds = (0, 1, 2, 3, 4)
+        e.square_linf.num_examples = 600
+        e.gallery.eps = 3.0
+    return c
