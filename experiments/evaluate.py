@@ -4,10 +4,13 @@
         --models=bp_cnn,adv_cnn_05 --out=runs/demo/eval2 --config.eval.pgd_l2.num_examples=1000
 """
 
+import matplotlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eqrobust import evaluation, report
+from eqrobust import report, study
+
+matplotlib.use("Agg")  # files only; the library itself never picks a backend
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file (study.py:scale).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding the trained runs <model key>/.")
@@ -20,7 +23,7 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
-    results = evaluation.run_study(
+    results = study.run_study(
         _CONFIG.value,
         _WORKDIR.value,
         out_dir=_OUT.value,

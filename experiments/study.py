@@ -5,10 +5,13 @@ python -m experiments.study --config=experiments/configs/study.py:cpu --workdir=
 
 import time
 
+import matplotlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eqrobust import evaluation, report
+from eqrobust import report, study
+
+matplotlib.use("Agg")  # files only; the library itself never picks a backend
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file (study.py:scale).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Model runs and the report go here.")
@@ -20,7 +23,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()
-    results = evaluation.run_study(_CONFIG.value, _WORKDIR.value)
+    results = study.run_study(_CONFIG.value, _WORKDIR.value)
     header, rows = report.summary_rows(results)
     print(report.md_table(header, rows))
     logging.info(

@@ -9,6 +9,7 @@ import pytest
 
 from eqrobust import evaluation
 from eqrobust.models import Classifier, GradientPath
+from eqrobust.results import Accuracy, GradientInfo
 
 H = W = 8
 # L2 distances of the test points to the decision boundary; chosen away from every eps of the
@@ -72,27 +73,27 @@ def test_linear_model_analytic_accuracy_and_healthy():
     x, y, d = _linear_data(w)
     clf = Classifier(logits_fn=_linear_logits(w), name="linear")
     res = evaluation.evaluate_classifier(clf, x, y, _config(("pgd_l2", "pgd_linf", "square_linf")))
-    assert res["clean"] == dict(accuracy=1.0, n=len(x))
+    assert res.clean == Accuracy(accuracy=1.0, n=len(x))
     # Evaluation order is a fixed permutation; all examples are used, so the analytic
     # accuracy is the fraction of distances beyond eps (L2: d; Linf: d / ||w||_1 = d / 8).
     want_l2 = [float(np.mean(d > e)) for e in L2_EPS]
     want_linf = [float(np.mean(d / 8 > e)) for e in LINF_EPS]
-    np.testing.assert_allclose(res["attacks"]["pgd_l2"]["accuracy"], want_l2)
-    np.testing.assert_allclose(res["attacks"]["pgd_linf"]["accuracy"], want_linf)
+    np.testing.assert_allclose(res.attacks["pgd_l2"].accuracy, want_l2)
+    np.testing.assert_allclose(res.attacks["pgd_linf"].accuracy, want_linf)
     # Black-box Square cannot beat the optimal white-box attack on a linear model.
-    sq = np.asarray(res["attacks"]["square_linf"]["accuracy"])
+    sq = np.asarray(res.attacks["square_linf"].accuracy)
     assert np.all(sq >= np.asarray(want_linf) - 1e-9)
-    checks = {(c["id"], c["attack"], c["value"]): c for c in res["health"]}
-    assert all(c["passed"] for c in res["health"]), [c["message"] for c in res["health"]]
-    assert {c["id"] for c in res["health"]} == {"a", "b", "c", "d"}
-    assert checks[("a", "pgd_l2", None)]["message"].startswith("PGD-L2 at eps=10")
-    assert res["mean_robustness"] == pytest.approx(np.mean(want_l2 + want_linf + list(sq)))
-    g = res["gallery"]
-    assert g["clean"].shape == g["adversarial"].shape == (2, H, W, 1)
-    assert g["eps"] == 1.0 and len(g["labels"]) == 2
-    delta = np.linalg.norm((g["adversarial"] - g["clean"]).reshape(2, -1), axis=1)
+    checks = {(c.id, c.attack, c.value): c for c in res.health}
+    assert all(c.passed for c in res.health), [c.message for c in res.health]
+    assert {c.id for c in res.health} == {"a", "b", "c", "d"}
+    assert checks[("a", "pgd_l2", None)].message.startswith("PGD-L2 at eps=10")
+    assert res.mean_robustness == pytest.approx(np.mean(want_l2 + want_linf + list(sq)))
+    g = res.gallery
+    assert g.clean.shape == g.adversarial.shape == (2, H, W, 1)
+    assert g.eps == 1.0 and len(g.labels) == 2
+    delta = np.linalg.norm((g.adversarial - g.clean).reshape(2, -1), axis=1)
     assert np.all(delta <= 1.0 + 1e-5)
-    assert g["pred_adversarial"] == [1 - v for v in g["labels"]]  # eps 1.0 breaks every point
+    assert g.pred_adversarial == tuple(1 - v for v in g.labels)  # eps 1.0 breaks every point
 
 
 def _quantised_logits(x):
@@ -113,14 +114,14 @@ def test_quantised_model_flags_gradient_masking():
     c = _config(("pgd_linf", "square_linf"))
     c.pgd_linf.grid = c.square_linf.grid = (0.4,)
     res = evaluation.evaluate_classifier(clf, x, y, c)
-    assert res["clean"]["accuracy"] == 1.0
-    assert res["attacks"]["pgd_linf"]["accuracy"] == [1.0]  # zero gradients: PGD goes nowhere
-    assert res["attacks"]["square_linf"]["accuracy"][0] <= 0.1  # queries still work
-    b = [c for c in res["health"] if c["id"] == "b"]
-    assert len(b) == 1 and not b[0]["passed"]
-    assert "possible gradient masking" in b[0]["message"]
-    assert evaluation.cell_flags(res["health"], "pgd_linf", 0.4) == ["a", "b"]
-    assert evaluation.cell_flags(res["health"], "square_linf", 0.4) == []
+    assert res.clean.accuracy == 1.0
+    assert res.attacks["pgd_linf"].accuracy == (1.0,)  # zero gradients: PGD goes nowhere
+    assert res.attacks["square_linf"].accuracy[0] <= 0.1  # queries still work
+    b = [c for c in res.health if c.id == "b"]
+    assert len(b) == 1 and not b[0].passed
+    assert "possible gradient masking" in b[0].message
+    assert res.cell_flags("pgd_linf", 0.4) == ["a", "b"]
+    assert res.cell_flags("square_linf", 0.4) == []
 
 
 def test_shallow_gradient_flags_d():
@@ -135,18 +136,24 @@ def test_shallow_gradient_flags_d():
     c = _config(("pgd_l2",))
     c.pgd_l2.grid, c.pgd_l2.large, c.gallery.num_images = (0.31,), None, 0
     res = evaluation.evaluate_classifier(clf, x, y, c)
-    d = [c for c in res["health"] if c["id"] == "d"]
-    assert len(d) == 1 and not d[0]["passed"] and "MISMATCH" in d[0]["message"]
-    assert "gradient depth 3, prediction depth 10" in d[0]["message"]
-    assert res["gradient"] == dict(
+    d = [c for c in res.health if c.id == "d"]
+    assert len(d) == 1 and not d[0].passed and "MISMATCH" in d[0].message
+    assert "gradient depth 3, prediction depth 10" in d[0].message
+    assert res.gradient == GradientInfo(
         mode="unrolled(3)", gradient_depth=3, prediction_depth=10, matches_prediction=False
     )
-    assert "d" in evaluation.cell_flags(res["health"], "pgd_l2", 0.31)
+    assert "d" in res.cell_flags("pgd_l2", 0.31)
     # Same classifier with matching depths passes (d).
     ok = dataclasses.replace(clf, gradient=GradientPath("unrolled", 10))
     assert evaluation.health_checks(
-        dict(res, gradient=evaluation._gradient_info(ok)), evaluation.default_config()
-    )[-1]["passed"]
+        dataclasses.replace(res, gradient=evaluation.gradient_info(ok)), evaluation.default_config()
+    )[-1].passed
+    # A declared randomised forward fails (d): its white-box numbers would need EOT.
+    noisy = evaluation.gradient_info(dataclasses.replace(ok, randomized=True))
+    d = evaluation.health_checks(
+        dataclasses.replace(res, gradient=noisy), evaluation.default_config()
+    )
+    assert not d[-1].passed and "RANDOMISED" in d[-1].message
 
 
 def test_ep_analyses_judge_with_prediction():
@@ -179,15 +186,15 @@ def test_ep_analyses_judge_with_prediction():
     )
     c = _config(("pgd_l2",))
     c.pgd_l2.settings.random_start = False  # the blind variant then cannot move along w at all
-    c.ep.grid = (0.31, 1.0)
+    c.dynamics.grid = (0.31, 1.0)
     res = evaluation.evaluate_classifier(clf, x, y, c, gradient_variants=[clf, blind])
-    fp = res["ep"]["free_phase"]
-    assert fp["steps"] == list(range(1, T + 1))
-    assert fp["accuracy"][:2] == [0.5, 0.5] and fp["accuracy"][2:] == [1.0] * (T - 2)
-    rows = res["ep"]["attack_depth"]["variants"]
-    np.testing.assert_allclose(rows[0]["accuracy"], [np.mean(d > 0.31), np.mean(d > 1.0)])
-    assert rows[1]["accuracy"] == [1.0, 1.0]
-    assert [r["matches_prediction"] for r in rows] == [True, False]
+    fp = res.dynamics.trajectory
+    assert fp.steps == tuple(range(1, T + 1))
+    assert fp.accuracy[:2] == (0.5, 0.5) and fp.accuracy[2:] == (1.0,) * (T - 2)
+    rows = res.dynamics.attack_depth.variants
+    np.testing.assert_allclose(rows[0].accuracy, [np.mean(d > 0.31), np.mean(d > 1.0)])
+    assert rows[1].accuracy == (1.0, 1.0)
+    assert [r.matches_prediction for r in rows] == [True, False]
 
 
 def test_subsets_are_recorded_and_inputs_checked():
@@ -203,10 +210,10 @@ def test_subsets_are_recorded_and_inputs_checked():
     res = evaluation.evaluate_classifier(
         clf, x, y, c, corrupt=identity, corruption_names=("fake_a", "fake_b")
     )
-    assert res["attacks"]["pgd_l2"]["n"] == 10 and res["clean"]["n"] == len(x)
-    assert res["attacks"]["pgd_l2"]["large"] is None
-    assert res["corruptions"]["accuracy"] == {"fake_a": [1.0, 1.0], "fake_b": [1.0, 1.0]}
-    assert res["corruptions"]["mean"] == 1.0
+    assert res.attacks["pgd_l2"].n == 10 and res.clean.n == len(x)
+    assert res.attacks["pgd_l2"].large is None
+    assert res.corruptions.accuracy == {"fake_a": (1.0, 1.0), "fake_b": (1.0, 1.0)}
+    assert res.corruptions.mean == 1.0
     with pytest.raises(ValueError, match="unknown attack"):
         evaluation.evaluate_classifier(clf, x, y, _config(("pgd_l3",)))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from eqrobust import evaluation, report
+from eqrobust.evaluation import health
+from eqrobust.report import plots
+from eqrobust.results import ModelResult, StudyResults, from_json
 
 
 def _model(name, seed, *, ep=False, masked=False, rng=None):
@@ -36,6 +39,7 @@ def _model(name, seed, *, ep=False, masked=False, rng=None):
             n=500 if a in ("pgd_l2", "pgd_linf") else 200,
             settings=dict(steps=20),
             large=dict(value=10.0, accuracy=0.0, n=200),
+            reduced=spec.is_reduced(dict(steps=20)),
         )
     m = dict(
         name=name,
@@ -43,8 +47,8 @@ def _model(name, seed, *, ep=False, masked=False, rng=None):
         num_test=10000,
         clean=dict(accuracy=clean, n=10000),
         gradient=dict(
-            mode="exact",
-            gradient_depth=None,
+            mode="unrolled(30)" if ep else "autodiff",
+            gradient_depth=30 if ep else None,
             prediction_depth=30 if ep else None,
             matches_prediction=True,
         ),
@@ -58,7 +62,7 @@ def _model(name, seed, *, ep=False, masked=False, rng=None):
             per_severity=[clean - 0.05 * s for s in range(1, 6)],
             mean=clean - 0.15,
         ),
-        ep=None,
+        dynamics=None,
         seconds=dict(clean=1.0, pgd_l2=2.0),
         masking_comparisons=[
             dict(
@@ -82,9 +86,9 @@ def _model(name, seed, *, ep=False, masked=False, rng=None):
         ),
     )
     if ep:
-        m["ep"] = dict(
+        m["dynamics"] = dict(
             prediction_depth=30,
-            free_phase=dict(
+            trajectory=dict(
                 steps=list(range(1, 31)),
                 accuracy=[min(clean, 0.1 + 0.05 * t) for t in range(30)],
                 n=500,
@@ -95,7 +99,7 @@ def _model(name, seed, *, ep=False, masked=False, rng=None):
                 n=100,
                 variants=[
                     dict(
-                        mode="bptt",
+                        mode=f"unrolled({t})",
                         gradient_depth=t,
                         prediction_depth=30,
                         matches_prediction=t == 30,
@@ -114,27 +118,31 @@ def _model(name, seed, *, ep=False, masked=False, rng=None):
                 ],
             ),
         )
-    m["mean_robustness"] = evaluation.mean_robustness(m)
-    m["health"] = evaluation.health_checks(m, evaluation.default_config())
     return m
 
 
-def _results(seeds=(0,)):
+def _typed(m: dict) -> ModelResult:
+    return health.with_verdicts(from_json(ModelResult, m), evaluation.default_config())
+
+
+def _results(seeds=(0,), edit=lambda m: None):
+    """Typed results of hand-written models; `edit(model_dict)` changes them before typing."""
     models = []
     for s in seeds:
         models += [_model("EP-CNN", s, ep=True), _model("BP-CNN", s, masked=True)]
-    return dict(
-        schema_version=evaluation.SCHEMA_VERSION,
+    for m in models:
+        edit(m)
+    return StudyResults(
+        models=tuple(_typed(m) for m in models),
         meta=dict(
             dataset="fashion_mnist", scale="cpu", notes=["a note"], timing={"train EP-CNN": 300.0}
         ),
-        models=models,
     )
 
 
 def test_report_files_and_sections(tmp_path):
     paths = report.write_report(_results(), str(tmp_path))
-    for key in ("attacks", "corruptions", "free_phase", "attack_depth"):
+    for key in ("attacks", "corruptions", "trajectory", "attack_depth"):
         assert os.path.getsize(paths[key]) > 1000, key
     galleries = sorted(p for p in os.listdir(tmp_path) if p.startswith("gallery_"))
     assert galleries == ["gallery_bp_cnn_seed0.png", "gallery_ep_cnn_seed0.png"]
@@ -149,15 +157,15 @@ def test_report_files_and_sections(tmp_path):
         "### Square-Linf",
         "### C&W-L2",
         "## Natural corruptions",
-        "## EP analyses",
-        "accuracy along the free phase",
+        "## Dynamics of the equilibrium models",
+        "accuracy along the dynamics",
         "robust accuracy vs attack-gradient path",
         "## Health checks",
         "## Perturbation gallery",
         "## Time budget",
     ):
         assert section in md, section
-    for f in list(report.PLOTS.values()) + galleries:
+    for f in [fname for _, fname, _ in plots.FIGURES.values()] + galleries:
         assert f"]({f})" in md, f
     # Subsets are never silent.
     assert "**subset: 500 of 10000 test images**" in md
@@ -165,35 +173,42 @@ def test_report_files_and_sections(tmp_path):
     # The masked BP-CNN (PGD-Linf == clean, above Square) fails (b), shown beside its cells.
     assert "possible gradient masking" in md
     assert "⚠b" in md and "**FAIL**" in md
-    # The EP bptt rows shallower than T are flagged (d) in the attack-depth table.
+    # The EP unrolled rows shallower than T are flagged (d) in the attack-depth table.
     assert md.count("NO ⚠d") == 2
 
 
 def test_results_json_schema(tmp_path):
     paths = report.write_report(_results(), str(tmp_path))
     js = json.load(open(paths["json"]))
-    report.validate_results(js)
+    back = StudyResults.from_json(js)
+    assert back.models[1].attacks["pgd_l2"] == _results().models[1].attacks["pgd_l2"]
     assert js["models"][0]["gallery"]["file"] == "gallery_ep_cnn_seed0.png"
-    assert "clean" not in js["models"][0]["gallery"]  # arrays are not in the JSON
+    assert js["models"][0]["gallery"]["clean"] is None  # arrays are not in the JSON
     ids = {c["id"] for c in js["models"][1]["health"]}
     assert ids == {"a", "b", "d"}
 
     broken = copy.deepcopy(js)
     del broken["models"][0]["clean"]
     with pytest.raises(ValueError, match=r"models\[0\]: missing key 'clean'"):
-        report.validate_results(broken)
+        StudyResults.from_json(broken)
     broken = copy.deepcopy(js)
     broken["models"][1]["attacks"]["pgd_l2"]["accuracy"][0] = 1.5
     with pytest.raises(ValueError, match="outside"):
-        report.validate_results(broken)
+        StudyResults.from_json(broken)
     broken = copy.deepcopy(js)
     broken["models"][1]["health"] = [c for c in broken["models"][1]["health"] if c["id"] != "d"]
     with pytest.raises(ValueError, match=r"\(d\) missing"):
-        report.validate_results(broken)
+        StudyResults.from_json(broken)
     broken = copy.deepcopy(js)
     broken["models"][0]["attacks"]["cw_l2"]["values"].pop()
     with pytest.raises(ValueError, match="strengths"):
-        report.validate_results(broken)
+        StudyResults.from_json(broken)
+    broken = copy.deepcopy(js)
+    broken["models"][0]["clean"]["n"] = "many"
+    with pytest.raises(ValueError, match=r"models\[0\].clean.n: expected int"):
+        StudyResults.from_json(broken)
+    with pytest.raises(ValueError, match="schema_version"):
+        StudyResults.from_json(dict(js, schema_version=1))
 
 
 def test_mean_ci():
@@ -211,7 +226,7 @@ def test_several_seeds_show_ci(tmp_path):
     assert "mean ± 95 % CI" in md
     header, rows = report.summary_rows(res)
     assert [r[0] for r in rows] == ["EP-CNN", "BP-CNN"]
-    clean = [m["clean"]["accuracy"] for m in res["models"] if m["name"] == "EP-CNN"]
+    clean = [m.clean.accuracy for m in res.models if m.name == "EP-CNN"]
     m, h = report.mean_ci(clean)
     assert rows[0][1] == f"{m:.3f}±{h:.3f}"
     # One gallery per run.
@@ -220,20 +235,28 @@ def test_several_seeds_show_ci(tmp_path):
 
 def test_no_ep_model_says_so(tmp_path):
     res = _results()
-    res["models"] = [res["models"][1]]
+    res = StudyResults(models=res.models[1:], meta=res.meta)
     paths = report.write_report(res, str(tmp_path))
     md = open(paths["report"]).read()
-    assert "No model with free-phase dynamics" in md
-    assert "free_phase" not in paths
+    assert "No model with dynamics" in md
+    assert "trajectory" not in paths
 
 
 def test_reduced_autoattack_budget_is_stated(tmp_path):
     marker = "reduced budget: weaker than standard AutoAttack"
-    res = _results()
-    for m in res["models"]:
-        m["attacks"]["autoattack_linf"]["settings"] = dict(steps=100, queries=5000, targets=9)
-    md = open(report.write_report(res, str(tmp_path / "std"))["report"]).read()
-    assert marker not in md
-    res["models"][0]["attacks"]["autoattack_linf"]["settings"]["targets"] = 3
-    md = open(report.write_report(res, str(tmp_path / "red"))["report"]).read()
+    standard = dict(steps=100, queries=5000, targets=9)
+    spec = evaluation.ATTACKS["autoattack_linf"]
+
+    def settings(targets):
+        def edit(m):
+            s = dict(standard, targets=targets)
+            for a in ("autoattack_linf", "autoattack_l2"):
+                m["attacks"][a].update(settings=s, reduced=spec.is_reduced(s))
+
+        return edit
+
+    md = open(report.write_report(_results(edit=settings(9)), str(tmp_path / "std"))["report"])
+    assert marker not in md.read()
+    md = open(report.write_report(_results(edit=settings(3)), str(tmp_path / "red"))["report"])
+    md = md.read()
     assert marker in md and "targets=3" in md

@@ -12,8 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from eqrobust import evaluation, report
+from eqrobust import study as study_lib
 from eqrobust.configs import adv_cnn, study
+from eqrobust.report import plots
+from eqrobust.results import StudyResults
 from eqrobust.train import adversarial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,27 +87,29 @@ def test_smoke_study_end_to_end(tmp_path):
     assert "| EP-CNN |" in proc.stdout and "| Adv-CNN(1.0) |" in proc.stdout
 
     js = json.load(open(os.path.join(workdir, "results.json")))
-    report.validate_results(js)
-    names = [m["name"] for m in js["models"]]
+    res = StudyResults.from_json(js)  # schema and invariants
+    names = [m.name for m in res.models]
     assert names == ["EP-CNN", "BP-CNN", "Adv-CNN(0.5)", "Adv-CNN(1.0)"]
-    for m in js["models"]:
-        assert m["clean"]["n"] == 32 and m["num_test"] == 256
-        assert set(m["attacks"]) >= {"pgd_l2", "pgd_linf", "square_linf"}
-        assert {c["id"] for c in m["health"]} == {"a", "b", "c", "d"}
-        assert m["corruptions"]["severities"] == [1, 5]
-        assert os.path.exists(os.path.join(workdir, m["gallery"]["file"]))
-    bp = js["models"][1]
-    assert bp["attacks"]["autoattack_linf"]["n"] == 8 and bp["attacks"]["cw_l2"]["n"] == 8
-    ep = js["models"][0]
-    assert ep["gradient"]["prediction_depth"] == ep["ep"]["prediction_depth"]
-    assert len(ep["ep"]["free_phase"]["accuracy"]) == ep["ep"]["prediction_depth"]
-    variants = ep["ep"]["attack_depth"]["variants"]
-    assert [(v["mode"], v["matches_prediction"]) for v in variants] == [
-        ("bptt", False),
+    for m in res.models:
+        assert m.clean.n == 32 and m.num_test == 256
+        assert set(m.attacks) >= {"pgd_l2", "pgd_linf", "square_linf"}
+        assert {c.id for c in m.health} == {"a", "b", "c", "d"}
+        assert m.corruptions.severities == (1, 5)
+        assert os.path.exists(os.path.join(workdir, m.gallery.file))
+    bp = res.models[1]
+    assert bp.attacks["autoattack_linf"].n == 8 and bp.attacks["cw_l2"].n == 8
+    assert bp.attacks["autoattack_linf"].reduced and not bp.attacks["pgd_l2"].reduced
+    ep = res.models[0]
+    assert ep.gradient.prediction_depth == ep.dynamics.prediction_depth
+    assert len(ep.dynamics.trajectory.accuracy) == ep.dynamics.prediction_depth
+    variants = ep.dynamics.attack_depth.variants
+    assert [(v.mode, v.matches_prediction) for v in variants] == [
+        ("unrolled(3)", False),
         ("implicit", True),
     ]
     # Accuracy along the free phase ends at the prediction's clean accuracy (same examples).
-    assert ep["ep"]["free_phase"]["accuracy"][-1] == pytest.approx(ep["clean"]["accuracy"])
+    assert ep.dynamics.trajectory.accuracy[-1] == pytest.approx(ep.clean.accuracy)
+    _same_numbers_as_before_the_refactor(js)
 
     md = open(os.path.join(workdir, "report.md")).read()
     for section in (
@@ -116,7 +120,7 @@ def test_smoke_study_end_to_end(tmp_path):
         "### Square-Linf",
         "### C&W-L2",
         "## Natural corruptions",
-        "## EP analyses",
+        "## Dynamics of the equilibrium models",
         "## Health checks",
         "## Perturbation gallery",
         "## Time budget",
@@ -124,19 +128,52 @@ def test_smoke_study_end_to_end(tmp_path):
         "train-or-load EP-CNN",
     ):
         assert section in md, section
-    for f in report.PLOTS.values():
-        assert os.path.getsize(os.path.join(workdir, f)) > 1000, f
+    for _, fname, _ in plots.FIGURES.values():
+        assert os.path.getsize(os.path.join(workdir, fname)) > 1000, fname
 
     # experiments/evaluate.py's path: evaluate finished runs only, into another directory.
     cfg = study.get_config("smoke")
     cfg.eval.attacks = ("pgd_l2",)
     cfg.eval.corruptions.enabled = False
     out = str(tmp_path / "eval_bp")
-    res = evaluation.run_study(cfg, workdir, out_dir=out, only=["bp_cnn"], require_trained=True)
-    assert [m["name"] for m in res["models"]] == ["BP-CNN"]
+    again = study_lib.run_study(cfg, workdir, out_dir=out, only=["bp_cnn"], require_trained=True)
+    assert [m.name for m in again.models] == ["BP-CNN"]
     # The same trained weights: clean accuracy on the same examples is unchanged.
-    assert res["models"][0]["clean"] == bp["clean"]
+    assert again.models[0].clean == bp.clean
     assert os.path.exists(os.path.join(out, "report.md"))
+
+
+def _same_numbers_as_before_the_refactor(js):
+    """The smoke study (fixed seeds) gives the numbers the pre-refactor code wrote (schema 1,
+    fixtures/smoke_study_v1.json). Accuracies may differ by one example (float reassociation
+    across XLA versions); counts, strengths and verdict structure must match exactly."""
+    old = json.load(open(os.path.join(REPO, "tests", "fixtures", "smoke_study_v1.json")))
+    assert [m["name"] for m in js["models"]] == [m["name"] for m in old["models"]]
+    for new, ref in zip(js["models"], old["models"], strict=True):
+        n = new["clean"]["n"]
+        close = lambda a, b, n=n: abs(a - b) <= 1.0 / n + 1e-9
+        assert new["clean"] == ref["clean"]
+        assert set(new["attacks"]) == set(ref["attacks"])
+        for name, a in new["attacks"].items():
+            r = ref["attacks"][name]
+            assert (a["values"], a["n"], a["settings"]) == (r["values"], r["n"], r["settings"])
+            assert all(close(x, y, a["n"]) for x, y in zip(a["accuracy"], r["accuracy"]))
+            assert (a["large"] is None) == (r["large"] is None)
+        for key in ("mean", "per_severity"):
+            got, want = new["corruptions"][key], ref["corruptions"][key]
+            assert np.allclose(got, want, atol=1.0 / new["corruptions"]["n"] + 1e-9), key
+        assert len(new["masking_comparisons"]) == len(ref["masking_comparisons"])
+        assert [c["value"] for c in new["convergence_runs"]] == [
+            c["value"] for c in ref["convergence_runs"]
+        ]
+        assert sorted(c["id"] for c in new["health"]) == sorted(c["id"] for c in ref["health"])
+        if ref["ep"]:
+            got, want = new["dynamics"]["trajectory"], ref["ep"]["free_phase"]
+            assert got["steps"] == want["steps"]
+            assert np.allclose(got["accuracy"], want["accuracy"], atol=1.0 / got["n"] + 1e-9)
+            got, want = new["dynamics"]["attack_depth"], ref["ep"]["attack_depth"]
+            accs = lambda d: [v["accuracy"] for v in d["variants"]]
+            assert np.allclose(accs(got), accs(want), atol=1.0 / got["n"] + 1e-9)
 
 
 def test_evaluate_binary_requires_trained_runs(tmp_path):

@@ -82,8 +82,8 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.square_linf.settings.queries = 30
         e.corruptions.names = ("gaussian_noise", "contrast")
         e.corruptions.severities = (1, 5)
-        e.ep.grid = (1.0,)
-        e.ep.num_examples = 16
+        e.dynamics.grid = (1.0,)
+        e.dynamics.num_examples = 16
         e.health.more_steps_factor = 2
         e.health.more_restarts_factor = 1
         e.health.convergence_attacks = ("pgd_l2",)
@@ -111,8 +111,8 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         # constant (Adam's first steps ignore the loss scale), so two constants show it.
         e.cw_l2.grid = (0.01, 1.0)
         e.corruptions.num_examples = 500
-        e.ep.num_examples = 100
-        e.ep.grid = (0.31, 1.0)
+        e.dynamics.num_examples = 100
+        e.dynamics.grid = (0.31, 1.0)
         e.health.num_examples = 100
         e.health.more_restarts_factor = 1
         e.gallery.num_images = 6
@@ -124,7 +124,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
             cw_l2=dict(num_examples=25),
             corruptions=dict(num_examples=200),
             health=dict(num_examples=50),
-            ep=dict(num_examples=50),
+            dynamics=dict(num_examples=50),
         )
         c.eval_overrides = ml_collections.ConfigDict(dict(ep_cnn=ep_eval))
         # Training budget: BP-CNN 2 epochs (its standalone cpu config trains 6; 2 reach about the

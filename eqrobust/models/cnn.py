@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from eqrobust import energy
-from eqrobust.models import register_model
+from eqrobust.models.registry import register_model
 
 CONV_IMPLS = ("patches", "xla")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from eqrobust.attacks import pgd
 from eqrobust.train import Trained, supervised
 
 
@@ -20,8 +21,6 @@ def make_perturb(adv: ml_collections.ConfigDict) -> supervised.Perturb:
     Returns:
       A pure function run inside the jitted training step with the model in eval mode.
     """
-    from eqrobust.attacks import pgd
-
     eps = float(adv.eps)
     if eps <= 0:
         raise ValueError(f"adv.eps must be positive, got {eps}")

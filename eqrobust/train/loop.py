@@ -110,6 +110,81 @@ def _read_history(path: Path, upto_step: int) -> list[dict]:
     return [r for r in rows if r.get("step", 0) <= upto_step]
 
 
+class _Store:
+    """Checkpoints (orbax) and metrics.jsonl of one run; inert when workdir is None."""
+
+    def __init__(self, workdir: str | Path | None, keep: int, name: str):
+        self.name = name
+        self.history: list[dict] = []
+        self.mngr, self.metrics_path = None, None
+        if workdir is None:
+            return
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.workdir / "metrics.jsonl"
+        self.mngr = ocp.CheckpointManager(
+            (self.workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def restore(self, init_state: Any, total: int) -> tuple[Any, int]:
+        """(state, step) of the latest checkpoint, or (init_state, 0) for a new run."""
+        latest = self.mngr.latest_step() if self.mngr is not None else None
+        if latest is None:
+            if self.metrics_path is not None:
+                self.metrics_path.write_text("")
+            return init_state, 0
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state)
+        state = self.mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+        step = int(latest)
+        self.history = _read_history(self.metrics_path, step)
+        # Drop records written after the checkpoint by an interrupted run.
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        # Printed, not logged: the binaries keep absl at WARNING (orbax logs every save at INFO).
+        verb = "finished run, loaded" if step >= total else "resuming"
+        tqdm.write(f"{self.name}: {verb} from {self.workdir} at step {step} / {total}")
+        return state, step
+
+    def record(self, row: dict) -> None:
+        self.history.append(row)
+        if self.metrics_path is not None:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save(self, step: int, state: Any) -> None:
+        if self.mngr is not None and self.mngr.latest_step() != step:
+            self.mngr.save(step, args=ocp.args.StandardSave(state))
+
+    def close(self, step: int, state: Any) -> None:
+        if self.mngr is not None:
+            self.save(step, state)
+            self.mngr.wait_until_finished()
+            self.mngr.close()
+
+
+def _step_fn(config: ml_collections.ConfigDict, train_step: TrainStep) -> Callable[..., Any]:
+    """The jitted step: per-step key fold_in(seed, step), on-device augmentation, train_step."""
+    aug = config.get("augment", None) if "augment" in config else None
+    base_key = jax.random.PRNGKey(int(config.seed))
+
+    @jax.jit
+    def step_fn(state: Any, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[Any, dict]:
+        key = jax.random.fold_in(base_key, step)
+        k_aug, k_step = jax.random.split(key)
+        xf = data_lib.to_float(x)
+        if aug is not None and (aug.get("crop_padding", 0) or aug.get("flip", False)):
+            xf = data_lib.augment(
+                k_aug,
+                xf,
+                crop_padding=int(aug.get("crop_padding", 0)),
+                pad_mode=aug.get("pad_mode", "edge"),
+                flip=bool(aug.get("flip", False)),
+            )
+        return train_step(state, xf, y, k_step)
+
+    return step_fn
+
+
 def fit(
     *,
     config: ml_collections.ConfigDict,
@@ -126,7 +201,7 @@ def fit(
         config: uses seed, batch_size, num_epochs, num_steps (optional, overrides epochs),
             augment.{crop_padding, pad_mode, flip} (optional), eval_every_epochs,
             checkpoint_every_steps (default: once per epoch), keep_checkpoints, log_every_steps,
-            eval_batch_size.
+            eval_batch_size, name (progress bar label).
         workdir: where checkpoints/ and metrics.jsonl go; None trains without saving.
         data: the dataset (already subset if wanted).
         init_state: pytree of arrays holding everything that changes during training.
@@ -149,78 +224,23 @@ def fit(
     log_every = int(_opt(config, "log_every_steps", 50))
     ckpt_every = int(_opt(config, "checkpoint_every_steps", 0)) or spe
     eval_every = int(_opt(config, "eval_every_epochs", 1))
-    aug = config.get("augment", None) if "augment" in config else None
-    seed = int(config.seed)
-
-    workdir = Path(workdir) if workdir is not None else None
-    mngr, metrics_path, history, step = None, None, [], 0
-    state = init_state
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        metrics_path = workdir / "metrics.jsonl"
-        mngr = ocp.CheckpointManager(
-            (workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=int(_opt(config, "keep_checkpoints", 2)), create=True
-            ),
-        )
-        latest = mngr.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state)
-            state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-            step = int(latest)
-            history = _read_history(metrics_path, step)
-            # Drop records written after the checkpoint by an interrupted run.
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-            logging.info("Resumed from %s at step %d / %d", workdir, step, total)
-        else:
-            metrics_path.write_text("")
-
-    base_key = jax.random.PRNGKey(seed)
-
-    @jax.jit
-    def step_fn(state: Any, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[Any, dict]:
-        key = jax.random.fold_in(base_key, step)
-        k_aug, k_step = jax.random.split(key)
-        xf = data_lib.to_float(x)
-        if aug is not None and (aug.get("crop_padding", 0) or aug.get("flip", False)):
-            xf = data_lib.augment(
-                k_aug,
-                xf,
-                crop_padding=int(aug.get("crop_padding", 0)),
-                pad_mode=aug.get("pad_mode", "edge"),
-                flip=bool(aug.get("flip", False)),
-            )
-        return train_step(state, xf, y, k_step)
-
+    name = str(config.get("name", None) or "train")
+    store = _Store(workdir, int(_opt(config, "keep_checkpoints", 2)), name)
+    state, step = store.restore(init_state, total)
+    step_fn = _step_fn(config, train_step)
     eval_jit = jax.jit(eval_logits)
     eval_bs = int(_opt(config, "eval_batch_size", 500))
-
-    def record(row: dict) -> None:
-        history.append(row)
-        if metrics_path is not None:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def save(s: int, state: Any) -> None:
-        if mngr is not None and mngr.latest_step() != s:
-            mngr.save(s, args=ocp.args.StandardSave(state))
 
     end = total if stop_at_step is None else min(total, int(stop_at_step))
     sums: dict[str, float] = {}
     count, t0 = 0, time.time()
     bar = tqdm(
-        total=total,
-        initial=step,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        disable=step >= end,
+        total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, disable=step >= end
     )
     while step < end:
         epoch, start = divmod(step, spe)
         for xb, yb in data_lib.batches(
-            data.x_train, data.y_train, bs, seed=seed, epoch=epoch, start=start
+            data.x_train, data.y_train, bs, seed=int(config.seed), epoch=epoch, start=start
         ):
             state, metrics = step_fn(state, xb, yb, jnp.asarray(step, jnp.int32))
             step += 1
@@ -245,20 +265,17 @@ def fit(
                 row["test_accuracy"] = accuracy(
                     lambda x: eval_jit(state, x), data.x_test, data.y_test, batch_size=eval_bs
                 )
-                record(row)
+                store.record(row)
                 logging.info("step %d: %s", step, row)
                 bar.write(
-                    f"step {step} epoch {row['epoch']:.2f}: test acc "
+                    f"{name} step {step} epoch {row['epoch']:.2f}: test acc "
                     f"{row['test_accuracy']:.4f}, train loss {row.get('train_loss', 0):.4f}"
                 )
                 sums, count = {}, 0
             if step % ckpt_every == 0 or step == end:
-                save(step, state)
+                store.save(step, state)
             if step >= end:
                 break
     bar.close()
-    if mngr is not None:
-        save(step, state)
-        mngr.wait_until_finished()
-        mngr.close()
-    return FitResult(state, history, step)
+    store.close(step, state)
+    return FitResult(state, store.history, step)

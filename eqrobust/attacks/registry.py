@@ -1,0 +1,70 @@
+"""The attacks the evaluation suite knows: one entry each (label, threat model, runner)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from eqrobust.attacks.autoattack import autoattack, is_reduced
+from eqrobust.attacks.cw import cw_l2
+from eqrobust.attacks.pgd import pgd
+from eqrobust.attacks.square import square
+
+# runner(logits_fn, x, y, *, key, value, **settings) -> x_adv [B, H, W, C]
+Runner = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """Static description of one attack family of the suite.
+
+    Attributes:
+        label: name in tables and plots.
+        norm: "l2" or "linf".
+        box: "white" (gradient-based) or "black" (query-based).
+        param: what the strength grid means: "eps" (threat-model radius) or "c" (C&W constant).
+        run: the runner, `run(logits_fn, x, y, *, key, value, **settings) -> x_adv`.
+        is_reduced: settings -> whether the budget is below the attack's standard one.
+    """
+
+    label: str
+    norm: str
+    box: str
+    param: str
+    run: Runner
+    is_reduced: Callable[[dict[str, Any]], bool] = lambda settings: False
+
+
+def _eps_attack(fn: Callable[..., Any], norm: str) -> Runner:
+    def run(logits_fn, x, y, *, key, value, **settings):
+        return fn(logits_fn, x, y, key=key, eps=value, norm=norm, **settings).x_adv
+
+    return run
+
+
+def _cw(logits_fn, x, y, *, key, value, **settings):
+    return cw_l2(logits_fn, x, y, key=key, c=value, **settings).x_adv
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "pgd_l2": AttackSpec("PGD-L2", "l2", "white", "eps", _eps_attack(pgd, "l2")),
+    "pgd_linf": AttackSpec("PGD-Linf", "linf", "white", "eps", _eps_attack(pgd, "linf")),
+    "autoattack_linf": AttackSpec(
+        "AutoAttack-Linf", "linf", "white", "eps", _eps_attack(autoattack, "linf"), is_reduced
+    ),
+    "autoattack_l2": AttackSpec(
+        "AutoAttack-L2", "l2", "white", "eps", _eps_attack(autoattack, "l2"), is_reduced
+    ),
+    "square_linf": AttackSpec("Square-Linf", "linf", "black", "eps", _eps_attack(square, "linf")),
+    "cw_l2": AttackSpec("C&W-L2", "l2", "white", "c", _cw),
+}
+
+
+def get(name: str) -> AttackSpec:
+    """The spec registered under `name` (ValueError naming the known attacks otherwise)."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known attacks: {sorted(ATTACKS)}")
+    return ATTACKS[name]

@@ -1,0 +1,70 @@
+"""Evaluation settings: the attacks, grids, subsets, corruptions, dynamics, health and gallery."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Paper-protocol evaluation settings: every attack on the full test split.
+
+    `num_examples=None` everywhere means the full test split; a smaller number is stored
+    in the results and stated in the report.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 250  # examples per compiled attack call
+    c.num_examples = None  # clean accuracy and default for every attack; None = full split
+    c.attacks = ("pgd_l2", "pgd_linf", "autoattack_linf", "square_linf", "cw_l2")
+    c.progress = True
+
+    def _attack(values, large, **settings):
+        a = ml_collections.ConfigDict()
+        a.grid = tuple(values)
+        a.large = large  # the health-check (a) strength
+        a.num_examples = ml_collections.FieldReference(None, field_type=int)
+        a.settings = ml_collections.ConfigDict(settings)
+        return a
+
+    linf = (1 / 255, 3 / 255, 5 / 255, 8 / 255)
+    c.pgd_l2 = _attack(
+        (0.07, 0.31, 0.49, 1.0), 10.0, steps=20, step_size=None, random_start=True, restarts=1
+    )
+    c.pgd_linf = _attack(linf, 0.5, steps=20, step_size=None, random_start=True, restarts=1)
+    c.autoattack_linf = _attack(linf, 0.5, version="standard")
+    c.autoattack_l2 = _attack((0.5,), 10.0, version="standard")
+    c.square_linf = _attack(linf, 0.5, queries=5000, p_init=0.8)
+    # C&W as run by the papers (ART defaults): `c` is the initial constant of a 10-step binary
+    # search, 10 Adam iterations per search step.
+    c.cw_l2 = _attack(
+        (0.005, 0.01, 0.1, 1.0), 100.0, steps=10, lr=0.01, confidence=0.0, binary_search_steps=10
+    )
+
+    c.corruptions = ml_collections.ConfigDict()
+    c.corruptions.enabled = True
+    c.corruptions.names = ml_collections.FieldReference(None, field_type=tuple)  # None = all 15
+    c.corruptions.severities = (1, 2, 3, 4, 5)
+    c.corruptions.num_examples = ml_collections.FieldReference(None, field_type=int)
+
+    # Dynamics of equilibrium models (EP free phase, DEQ solver): accuracy along the trajectory,
+    # and robust accuracy with each attack-gradient variant (same prediction).
+    c.dynamics = ml_collections.ConfigDict()
+    c.dynamics.num_examples = ml_collections.FieldReference(None, field_type=int)
+    c.dynamics.attack = "pgd_l2"  # attack run with each gradient variant
+    c.dynamics.grid = (0.31, 0.49, 1.0)
+
+    c.health = ml_collections.ConfigDict()
+    c.health.num_examples = ml_collections.FieldReference(None, field_type=int)
+    c.health.large_max_accuracy = 0.05  # (a)
+    c.health.masking_tolerance = 0.02  # (b): 2 points
+    c.health.more_steps_factor = 5  # (c)
+    c.health.more_restarts_factor = 5  # (c)
+    c.health.convergence_tolerance = 0.01  # (c): 1 point
+    c.health.convergence_attacks = ("pgd_l2", "pgd_linf")  # (c) is run for these
+
+    c.gallery = ml_collections.ConfigDict()
+    c.gallery.num_images = 6
+    c.gallery.attack = "pgd_l2"
+    c.gallery.eps = 1.0  # in the PGD-L2 grid: the gallery reuses that run
+    c.gallery.steps = ml_collections.FieldReference(None, field_type=int)  # None: attack's steps
+    return c

@@ -1,0 +1,146 @@
+"""What every evaluation stage shares: the examples (one permutation), keys, batching, caches."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from eqrobust import ops
+from eqrobust.attacks import _common, registry
+from eqrobust.classifier import Classifier
+from eqrobust.results import GradientInfo
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+
+
+def _jitted_argmax(logits_fn: LogitsFn) -> Callable[[Array], Array]:
+    """`x -> argmax logits_fn(x)`; the logits compile once per architecture (`attacks._common`)."""
+    return lambda x: jnp.argmax(_common.logits(logits_fn, x), axis=-1)
+
+
+def predict(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 250) -> np.ndarray:
+    """Predicted labels of `logits_fn` on `x: [N, H, W, C]` in chunks -> `[N]` int."""
+    fn = _jitted_argmax(logits_fn)
+    return ops.run_chunked(fn, np.asarray(x), batch_size=batch_size)
+
+
+def gradient_info(classifier: Classifier) -> GradientInfo:
+    """The declared attack-gradient path of `classifier` against its prediction path."""
+    g = classifier.gradient
+    return GradientInfo(
+        mode=str(g or "autodiff"),
+        gradient_depth=g.depth if g else None,
+        prediction_depth=classifier.prediction_depth,
+        matches_prediction=bool(classifier.gradient_matches_prediction),
+        randomized=classifier.randomized,
+        test_time_optimization=classifier.test_time_optimization,
+    )
+
+
+def check_data(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Test images as float32 in [0, 1] (uint8 is divided by 255) and int32 labels [N]."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    x = x.astype(np.float32)
+    ops.check_images(x, who="evaluation")
+    if y.shape != (len(x),):
+        raise ValueError(f"y must be [N] labels matching x, got {y.shape} for {len(x)} images")
+    return x, y.astype(np.int32)
+
+
+@dataclasses.dataclass
+class Context:
+    """The evaluation of one classifier, shared by its stages.
+
+    Attributes:
+        classifier: the model under evaluation.
+        config: evaluation config (`eqrobust.evaluation.default_config()`).
+        x, y: the evaluation examples, in one fixed random permutation of the test split (every
+            subset is a prefix, so subsets are nested and the same for every model).
+        num_test: size of the test split.
+        key: the evaluation's PRNG key (stages fold in fixed constants).
+        clean_correct: [N] bool, set by the clean stage.
+        correct: robust-correct masks per (attack, strength), for comparisons across attacks.
+        gallery_adv: adversarials of the gallery images when the attack grid produced them.
+    """
+
+    classifier: Classifier
+    config: ml_collections.ConfigDict
+    x: np.ndarray
+    y: np.ndarray
+    num_test: int
+    key: Array
+    gradient_variants: Sequence[Classifier] = ()
+    corrupt: Callable[..., np.ndarray] | None = None
+    corruption_names: Sequence[str] | None = None
+    clean_pred: np.ndarray | None = None
+    clean_correct: np.ndarray | None = None
+    correct: dict[tuple[str, float], np.ndarray] = dataclasses.field(default_factory=dict)
+    gallery_adv: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return self.classifier.name
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.config.batch_size)
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.config.progress)
+
+    def log(self, msg: str) -> None:
+        """A line above the progress bars (or to absl's log without bars)."""
+        (tqdm.write if self.progress else logging.info)(f"[{self.name}] {msg}")
+
+    def n_of(self, n: int | None) -> int:
+        """A requested subset size (None: every evaluation example) capped at the examples."""
+        return len(self.x) if n is None else min(int(n), len(self.x))
+
+    def robust_correct(
+        self,
+        name: str,
+        value: float,
+        settings: dict[str, Any],
+        n: int,
+        *,
+        key: Array,
+        attack_logits_fn: LogitsFn | None = None,
+        return_adv: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Per-example robustness on the first n examples: correct clean AND at x_adv.
+
+        The attack may use another gradient path (`attack_logits_fn`, default the classifier's);
+        the verdict is always the real prediction at the returned point, never the attack's flag.
+        """
+        spec = registry.get(name)
+        attack_fn = attack_logits_fn or self.classifier.logits_fn
+        judge = _jitted_argmax(self.classifier.logits_fn)
+
+        def fn(xb, yb, k):
+            x_adv = spec.run(attack_fn, xb, yb, key=k, value=value, **settings)
+            return judge(x_adv) == yb, x_adv
+
+        ok, x_adv = ops.run_chunked(
+            fn,
+            self.x[:n],
+            self.y[:n],
+            batch_size=self.batch_size,
+            key=key,
+            desc=f"{spec.label} {spec.param}={value:.4g}",
+            progress=self.progress,
+        )
+        correct = ok & self.clean_correct[:n]
+        return (correct, x_adv) if return_adv else correct

@@ -1,0 +1,303 @@
+"""The evaluation stages, in order; each takes the shared `Context` and returns result fields."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from eqrobust import corruptions as corruptions_lib
+from eqrobust import ops
+from eqrobust.attacks import _common, registry
+from eqrobust.evaluation.context import Context, gradient_info, predict
+from eqrobust.results import (
+    Accuracy,
+    AttackDepth,
+    AttackResult,
+    ConvergenceRun,
+    CorruptionResult,
+    Curve,
+    DepthVariant,
+    DynamicsResult,
+    Gallery,
+    LargeRun,
+    MaskingComparison,
+)
+
+# stage(ctx, fields) -> new result fields; `fields` holds what earlier stages returned.
+Stage = Callable[[Context, dict[str, Any]], dict[str, Any]]
+
+# Keys folded into the evaluation key per stage, so a stage's randomness does not depend on which
+# other stages ran.
+_ATTACK_KEY, _CONVERGENCE_KEY, _DYNAMICS_KEY, _GALLERY_KEY = 1000, 3000, 4000, 5000
+
+
+def clean(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """Clean accuracy on every evaluation example."""
+    ctx.clean_pred = predict(ctx.classifier.logits_fn, ctx.x, batch_size=ctx.batch_size)
+    ctx.clean_correct = ctx.clean_pred == ctx.y
+    acc = float(ctx.clean_correct.mean())
+    ctx.log(f"clean accuracy {acc:.4f} (n={len(ctx.x)} of {ctx.num_test})")
+    return dict(clean=Accuracy(accuracy=acc, n=len(ctx.x)))
+
+
+def _wants_gallery(ctx: Context, name: str, value: float) -> bool:
+    g = ctx.config.gallery
+    return name == g.attack and math.isclose(value, float(g.eps)) and int(g.num_images) > 0
+
+
+def _attack_one(ctx: Context, a_i: int, name: str) -> AttackResult:
+    spec = registry.get(name)
+    acfg = ctx.config[name]
+    settings = acfg.settings.to_dict()
+    n = ctx.n_of(acfg.num_examples)
+    akey = jax.random.fold_in(ctx.key, _ATTACK_KEY + a_i)
+    accs = []
+    for v_i, value in enumerate(acfg.grid):
+        value = float(value)
+        want_adv = _wants_gallery(ctx, name, value)
+        out = ctx.robust_correct(
+            name, value, settings, n, key=jax.random.fold_in(akey, v_i), return_adv=want_adv
+        )
+        if want_adv:
+            out, adv = out
+            ctx.gallery_adv = adv[: int(ctx.config.gallery.num_images)]
+        ctx.correct[(name, value)] = out
+        accs.append(float(out.mean()))
+        ctx.log(f"{spec.label} {spec.param}={value:.4g}: {accs[-1]:.4f} (n={n})")
+    large = None
+    if acfg.large is not None:
+        nh = ctx.config.health.num_examples
+        nl = n if nh is None else min(n, nh)
+        out = ctx.robust_correct(
+            name, float(acfg.large), settings, nl, key=jax.random.fold_in(akey, 999)
+        )
+        large = LargeRun(value=float(acfg.large), accuracy=float(out.mean()), n=nl)
+    return AttackResult(
+        label=spec.label,
+        norm=spec.norm,
+        box=spec.box,
+        param=spec.param,
+        values=tuple(float(v) for v in acfg.grid),
+        accuracy=tuple(accs),
+        n=n,
+        settings=settings,
+        large=large,
+        reduced=bool(spec.is_reduced(settings)),
+    )
+
+
+def attacks(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """Every configured attack over its strength grid, on its (nested) subset."""
+    names = list(ctx.config.attacks)
+    for name in names:
+        registry.get(name)  # unknown names fail before any attack runs
+    return dict(attacks={name: _attack_one(ctx, i, name) for i, name in enumerate(names)})
+
+
+def masking(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """Check (b)'s comparisons: white-box Linf attacks vs Square on their common examples."""
+    out = []
+    for white in ("pgd_linf", "autoattack_linf"):
+        for (name, value), cw in ctx.correct.items():
+            if name != white or ("square_linf", value) not in ctx.correct:
+                continue
+            cb = ctx.correct[("square_linf", value)]
+            m = min(len(cw), len(cb))
+            out.append(
+                MaskingComparison(
+                    attack=white,
+                    value=value,
+                    white_accuracy=float(cw[:m].mean()),
+                    black_accuracy=float(cb[:m].mean()),
+                    n=m,
+                )
+            )
+    return dict(masking_comparisons=tuple(out))
+
+
+def convergence(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """Check (c)'s runs: PGD with more iterations and restarts at the most informative eps."""
+    attack_results = fields.get("attacks", {})
+    h = ctx.config.health
+    runs = []
+    for p_i, name in enumerate(h.convergence_attacks):
+        if name not in ("pgd_l2", "pgd_linf"):
+            raise ValueError(f"health.convergence_attacks must be PGD attacks, got {name!r}")
+        if name not in attack_results:
+            continue
+        entry = attack_results[name]
+        target = 0.5 * float(ctx.clean_correct.mean())
+        value = entry.values[int(np.argmin([abs(a - target) for a in entry.accuracy]))]
+        base = ctx.correct[(name, value)]
+        nh = len(base) if h.num_examples is None else min(len(base), h.num_examples)
+        strong = dict(entry.settings)
+        steps, restarts = int(strong.get("steps", 20)), int(strong.get("restarts", 1))
+        strong["steps"] = steps * int(h.more_steps_factor)
+        strong["restarts"] = restarts * int(h.more_restarts_factor)
+        corr = ctx.robust_correct(
+            name, value, strong, nh, key=jax.random.fold_in(ctx.key, _CONVERGENCE_KEY + p_i)
+        )
+        runs.append(
+            ConvergenceRun(
+                attack=name,
+                value=value,
+                steps=steps,
+                restarts=restarts,
+                strong_steps=strong["steps"],
+                strong_restarts=strong["restarts"],
+                accuracy=float(base[:nh].mean()),
+                strong_accuracy=float(corr.mean()),
+                n=nh,
+            )
+        )
+    return dict(convergence_runs=tuple(runs))
+
+
+def corruptions(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy under each corruption and severity (the same corrupted images for every model)."""
+    cfg = ctx.config.corruptions
+    if not cfg.enabled:
+        return {}
+    corrupt = ctx.corrupt or corruptions_lib.corrupt
+    names = ctx.corruption_names or cfg.names or tuple(corruptions_lib.CORRUPTIONS)
+    n = ctx.n_of(cfg.num_examples)
+    xs, ys = ctx.x[:n], ctx.y[:n]
+    severities = tuple(int(s) for s in cfg.severities)
+    acc: dict[str, list[float]] = {}
+    jobs = [(c, s) for c in names for s in severities]
+    bar = tqdm(jobs, desc=f"{ctx.name} corruptions", leave=False, disable=not ctx.progress)
+    for c_i, (cname, sev) in enumerate(bar):
+        # The seed depends only on (corruption, severity): every model sees the same images.
+        xc = np.asarray(corrupt(xs, cname, sev, seed=ctx.config.seed + c_i), dtype=np.float32)
+        pred = predict(ctx.classifier.logits_fn, xc, batch_size=ctx.batch_size)
+        acc.setdefault(cname, []).append(float((pred == ys).mean()))
+    mean = float(np.mean([a for v in acc.values() for a in v])) if acc else None
+    per_severity = tuple(float(np.mean([acc[c][i] for c in acc])) for i in range(len(severities)))
+    ctx.log(f"corruption mean accuracy {mean:.4f} (n={n})")
+    result = CorruptionResult(
+        n=n,
+        severities=severities,
+        accuracy={k: tuple(v) for k, v in acc.items()},
+        per_severity=per_severity,
+        mean=mean,
+    )
+    return dict(corruptions=result)
+
+
+def _trajectory_curve(ctx: Context) -> Curve:
+    """Clean accuracy of the readout after every step of the dynamics (all examples)."""
+    traj = ctx.classifier.trajectory_fn
+
+    def correct_per_step(xb, yb):  # [T, B] -> [B, T] so that chunks concatenate over B
+        return (jnp.argmax(_common.logits(traj, xb), -1) == yb[None]).T
+
+    corr = ops.run_chunked(correct_per_step, ctx.x, ctx.y, batch_size=ctx.batch_size)
+    curve = corr.mean(axis=0)
+    ctx.log(f"accuracy along the dynamics at step T={len(curve)}: {curve[-1]:.4f}")
+    return Curve(
+        steps=tuple(range(1, len(curve) + 1)), accuracy=tuple(float(a) for a in curve), n=len(ctx.x)
+    )
+
+
+def _attack_depth(ctx: Context, key: jax.Array) -> AttackDepth:
+    """Robust accuracy with each gradient variant's attack, judged by the real prediction."""
+    cfg = ctx.config.dynamics
+    name = cfg.attack
+    settings = ctx.config[name].settings.to_dict()
+    n = ctx.n_of(cfg.num_examples)
+    rows = []
+    for i, var in enumerate(ctx.gradient_variants):
+        accs = []
+        for j, value in enumerate(cfg.grid):
+            corr = ctx.robust_correct(
+                name,
+                float(value),
+                settings,
+                n,
+                key=jax.random.fold_in(jax.random.fold_in(key, i), j),
+                attack_logits_fn=var.logits_fn,
+            )
+            accs.append(float(corr.mean()))
+        info = gradient_info(var)
+        rows.append(
+            DepthVariant(
+                mode=info.mode,
+                gradient_depth=info.gradient_depth,
+                prediction_depth=info.prediction_depth,
+                matches_prediction=info.matches_prediction,
+                accuracy=tuple(accs),
+            )
+        )
+        ctx.log(
+            f"{registry.get(name).label} with {info.mode} gradient, prediction depth "
+            f"{info.prediction_depth}: " + ", ".join(f"{a:.3f}" for a in accs)
+        )
+    return AttackDepth(
+        attack=name, values=tuple(float(v) for v in cfg.grid), n=n, variants=tuple(rows)
+    )
+
+
+def dynamics(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """Equilibrium models: accuracy along the dynamics and robustness vs attack-gradient path."""
+    if ctx.classifier.trajectory_fn is None and not ctx.gradient_variants:
+        return {}
+    key = jax.random.fold_in(ctx.key, _DYNAMICS_KEY)
+    result = DynamicsResult(
+        prediction_depth=ctx.classifier.prediction_depth,
+        trajectory=_trajectory_curve(ctx) if ctx.classifier.trajectory_fn is not None else None,
+        attack_depth=_attack_depth(ctx, key) if ctx.gradient_variants else None,
+    )
+    return dict(dynamics=result)
+
+
+def gallery(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """The same first test images for every model, attacked at the gallery strength.
+
+    Reuses the attack grid's adversarials when the gallery strength is part of it.
+    """
+    g = ctx.config.gallery
+    ng = min(int(g.num_images), len(ctx.x))
+    if ng <= 0:
+        return {}
+    x_adv = ctx.gallery_adv
+    if x_adv is None or len(x_adv) != ng:
+        settings = dict(ctx.config[g.attack].settings.to_dict())
+        if g.get("steps") is not None:
+            settings["steps"] = int(g.steps)
+        _, x_adv = ctx.robust_correct(
+            g.attack,
+            float(g.eps),
+            settings,
+            ng,
+            key=jax.random.fold_in(ctx.key, _GALLERY_KEY),
+            return_adv=True,
+        )
+    pred_adv = predict(ctx.classifier.logits_fn, x_adv, batch_size=ctx.batch_size)
+    result = Gallery(
+        attack=g.attack,
+        eps=float(g.eps),
+        labels=tuple(int(v) for v in ctx.y[:ng]),
+        pred_clean=tuple(int(v) for v in ctx.clean_pred[:ng]),
+        pred_adversarial=tuple(int(v) for v in pred_adv),
+        clean=ctx.x[:ng],
+        adversarial=x_adv,
+    )
+    return dict(gallery=result)
+
+
+# The order matters: masking and convergence read the attack grid's per-example results.
+STAGES: tuple[tuple[str, Stage], ...] = (
+    ("clean", clean),
+    ("attacks", attacks),
+    ("masking", masking),
+    ("convergence", convergence),
+    ("corruptions", corruptions),
+    ("dynamics", dynamics),
+    ("gallery", gallery),
+)

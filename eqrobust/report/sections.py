@@ -1,0 +1,321 @@
+"""The report's sections: one renderer each, `(results, files) -> markdown lines`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from eqrobust.report.text import (
+    flag_str,
+    fmt,
+    md_table,
+    subset_note,
+    subset_notes,
+    value_label,
+)
+from eqrobust.results import HEALTH_CHECKS, ModelResult, StudyResults
+
+Files = dict[str, str]
+Section = Callable[[StudyResults, Files], list[str]]
+
+
+def _total(results: StudyResults) -> int:
+    return results.models[0].num_test
+
+
+def _attack_names(results: StudyResults) -> list[str]:
+    """Attack keys in evaluation order (that of the model with the most attacks first)."""
+    models = sorted(results.models, key=lambda m: -len(m.attacks))
+    return list(dict.fromkeys(a for m in models for a in m.attacks))
+
+
+def header(results: StudyResults, files: Files) -> list[str]:
+    """Title and what was evaluated."""
+    meta = results.meta
+    out = [f"# {meta.get('title', 'Robustness study')}", ""]
+    out.append(f"- dataset: {meta.get('dataset', '?')}, test split: {_total(results)} images")
+    if "scale" in meta:
+        out.append(f"- scale: `{meta['scale']}`")
+    seeds = {n: sorted(m.seed for m in r) for n, r in results.by_name().items()}
+    out.append(
+        "- models (seeds): "
+        + ", ".join(f"{n} ({', '.join(map(str, s))})" for n, s in seeds.items())
+    )
+    if any(len(s) > 1 for s in seeds.values()):
+        out.append("- numbers are mean ± 95 % CI (Student t) over seeds")
+    out += [f"- {note}" for note in meta.get("notes", [])]
+    return out + [""]
+
+
+def examples(results: StudyResults, files: Files) -> list[str]:
+    """Which examples each evaluation ran on."""
+    total = _total(results)
+    runs0 = [r[0] for r in results.by_name().values()]
+    rows = [["clean accuracy", subset_notes({m.name: m.clean.n for m in runs0}, total)]]
+    for a in _attack_names(results):
+        ns = {m.name: m.attacks[a].n for m in runs0 if a in m.attacks}
+        label = next(m.attacks[a].label for m in runs0 if a in m.attacks)
+        rows.append([label, subset_notes(ns, total)])
+    ns = {m.name: m.corruptions.n for m in runs0 if m.corruptions}
+    if ns:
+        rows.append(["corruptions", subset_notes(ns, total)])
+    for m in runs0:
+        if m.dynamics and m.dynamics.attack_depth:
+            n = m.dynamics.attack_depth.n
+            rows.append([f"attack-depth analysis ({m.name})", subset_note(n, total)])
+    out = ["## Examples evaluated", "", md_table(["evaluation", "examples"], rows), ""]
+    if any("**subset" in r[1] for r in rows):
+        out += [
+            "Attacks marked *subset* ran on the first examples of one fixed random "
+            "permutation of the test split (the same images for every model and attack; "
+            "subsets are nested), to fit the time budget of this scale.",
+            "",
+        ]
+    return out
+
+
+def summary_rows(results: StudyResults) -> tuple[list[str], list[list[str]]]:
+    """Paper Table 1 extended: clean, per-attack mean over strengths, corruptions, mean."""
+    anames = _attack_names(results)
+    labels = {a: next(m.attacks[a].label for m in results.models if a in m.attacks) for a in anames}
+    head = ["Model", "Clean"] + [labels[a] + " (mean)" for a in anames]
+    head += ["Corruptions (mean)", "Mean robustness", "Failed health checks"]
+    rows = []
+    for mname, runs in results.by_name().items():
+        row = [mname, fmt([m.clean.accuracy for m in runs])]
+        for a in anames:
+            vals = [float(np.mean(m.attacks[a].accuracy)) for m in runs if a in m.attacks]
+            row.append(fmt(vals) + flag_str(runs, a, None) if vals else "–")
+        cor = [m.corruptions.mean for m in runs if m.corruptions]
+        row.append(fmt(cor) if cor else "–")
+        row.append(fmt([m.mean_robustness for m in runs]))
+        failed = sorted({c.id for m in runs for c in m.health if not c.passed})
+        row.append(", ".join(f"({f})" for f in failed) if failed else "none")
+        rows.append(row)
+    return head, rows
+
+
+def summary(results: StudyResults, files: Files) -> list[str]:
+    """The summary table."""
+    head, rows = summary_rows(results)
+    return [
+        "## Summary (paper Table 1: mean robustness over attacks and strengths)",
+        "",
+        md_table(head, rows),
+        "",
+        "Mean robustness = mean robust accuracy over every attack and strength of the grid "
+        "below (large-ε sanity points excluded). ⚠x marks a cell where health check (x) "
+        "failed (see *Health checks*).",
+        "",
+    ]
+
+
+def _attack_table(a: str, runs_by: dict[str, list[ModelResult]], total: int) -> list[str]:
+    res0 = next(iter(runs_by.values()))[0].attacks[a]
+    head = ["Model", "Clean"] + [value_label(res0.param, v) for v in res0.values]
+    if res0.large is not None:
+        head.append(f"(a) {value_label(res0.param, res0.large.value)}")
+    rows = []
+    for n, runs in runs_by.items():
+        row = [n, fmt([m.clean.accuracy for m in runs])]
+        for j, v in enumerate(res0.values):
+            row.append(fmt([m.attacks[a].accuracy[j] for m in runs]) + flag_str(runs, a, v))
+        if res0.large is not None:
+            failed_a = "a" in {f for m in runs for f in m.cell_flags(a, None)}
+            row.append(
+                fmt([m.attacks[a].large.accuracy for m in runs]) + (" ⚠a" if failed_a else "")
+            )
+        rows.append(row)
+    per = {
+        n: ", ".join(f"{k}={v}" for k, v in runs[0].attacks[a].settings.items())
+        for n, runs in runs_by.items()
+    }
+    settings = (
+        next(iter(per.values()))
+        if len(set(per.values())) == 1
+        else "; ".join(f"{n}: {v}" for n, v in per.items())
+    )
+    if any(runs[0].attacks[a].reduced for runs in runs_by.values()):
+        settings += f"; **reduced budget: weaker than standard {res0.label.split('-')[0]}**"
+    ns = {n: runs[0].attacks[a].n for n, runs in runs_by.items()}
+    return [
+        f"### {res0.label} ({res0.box}-box; {settings})",
+        "",
+        md_table(head, rows),
+        "",
+        f"Examples: {subset_notes(ns, total)}.",
+        "",
+    ]
+
+
+def attacks(results: StudyResults, files: Files) -> list[str]:
+    """One table per attack: robust accuracy at each strength, health flags per cell."""
+    out = ["## Adversarial attacks", ""]
+    if "attacks" in files:
+        out += [f"![accuracy vs attack strength]({files['attacks']})", ""]
+    for a in _attack_names(results):
+        runs_by = {n: [m for m in r if a in m.attacks] for n, r in results.by_name().items()}
+        runs_by = {n: r for n, r in runs_by.items() if r}
+        out += _attack_table(a, runs_by, _total(results))
+    return out
+
+
+def corruptions(results: StudyResults, files: Files) -> list[str]:
+    """Accuracy per severity and per corruption."""
+    out = ["## Natural corruptions", ""]
+    groups = {n: [m for m in r if m.corruptions] for n, r in results.by_name().items()}
+    groups = {n: r for n, r in groups.items() if r}
+    if not groups:
+        return out + ["Not run.", ""]
+    if "corruptions" in files:
+        out += [f"![corruption accuracy vs severity]({files['corruptions']})", ""]
+    c0 = next(iter(groups.values()))[0].corruptions
+    head = ["Model", "Clean"] + [f"severity {s}" for s in c0.severities] + ["mean"]
+    rows = []
+    for n, runs in groups.items():
+        row = [n, fmt([m.clean.accuracy for m in runs])]
+        row += [
+            fmt([m.corruptions.per_severity[i] for m in runs]) for i in range(len(c0.severities))
+        ]
+        rows.append(row + [fmt([m.corruptions.mean for m in runs])])
+    ns = {n: runs[0].corruptions.n for n, runs in groups.items()}
+    out += [md_table(head, rows), "", f"Examples: {subset_notes(ns, _total(results))}.", ""]
+    head = ["Corruption (mean over severities)"] + list(groups)
+    rows = [
+        [c]
+        + [
+            fmt([float(np.mean(m.corruptions.accuracy[c])) for m in runs])
+            for runs in groups.values()
+        ]
+        for c in c0.accuracy
+    ]
+    return out + [md_table(head, rows), ""]
+
+
+def _trajectory_lines(n: str, runs: list[ModelResult], files: Files, total: int) -> list[str]:
+    dyn = runs[0].dynamics
+    steps = dyn.trajectory.steps
+    show = sorted(
+        {s for s in steps if s in (1, 2, 3, 4, 5) or s % max(1, len(steps) // 10) == 0}
+        | {steps[-1]}
+    )
+    idx = [steps.index(s) for s in show]
+    out = [
+        f"### {n}: accuracy along the dynamics (prediction depth T = {dyn.prediction_depth})",
+        "",
+    ]
+    if "trajectory" in files:
+        out += [f"![accuracy along the dynamics]({files['trajectory']})", ""]
+    row = ["accuracy"] + [fmt([m.dynamics.trajectory.accuracy[i] for m in runs]) for i in idx]
+    return out + [
+        md_table(["t"] + [str(s) for s in show], [row]),
+        "",
+        f"Examples: {subset_note(dyn.trajectory.n, total)}.",
+        "",
+    ]
+
+
+def _attack_depth_lines(n: str, runs: list[ModelResult], files: Files, total: int) -> list[str]:
+    dyn = runs[0].dynamics
+    ad = dyn.attack_depth
+    spec = runs[0].attacks.get(ad.attack)
+    label, param = (spec.label, spec.param) if spec else (ad.attack, "eps")
+    out = [
+        f"### {n}: robust accuracy vs attack-gradient path ({label}; prediction always at "
+        f"depth T = {dyn.prediction_depth})",
+        "",
+    ]
+    if "attack_depth" in files:
+        out += [f"![robust accuracy vs attack depth]({files['attack_depth']})", ""]
+    head = ["gradient", "depth", "(d) matches prediction"] + [
+        value_label(param, v) for v in ad.values
+    ]
+    rows = []
+    for i, row in enumerate(ad.variants):
+        accs = [
+            fmt([m.dynamics.attack_depth.variants[i].accuracy[j] for m in runs])
+            for j in range(len(ad.values))
+        ]
+        ok = "yes" if row.matches_prediction else "NO ⚠d"
+        depth = "–" if row.gradient_depth is None else str(row.gradient_depth)
+        rows.append([row.mode, depth, ok, *accs])
+    return out + [
+        md_table(head, rows),
+        "",
+        "Rows with a gradient shallower than the prediction reproduce the published "
+        "protocol (gradient/prediction mismatch, flagged (d)); the implicit row is the "
+        "exact gradient of the fixed point the prediction reads.",
+        f"Examples: {subset_note(ad.n, total)}.",
+        "",
+    ]
+
+
+def dynamics(results: StudyResults, files: Files) -> list[str]:
+    """Equilibrium models: accuracy along the dynamics, robustness vs attack-gradient path."""
+    out = ["## Dynamics of the equilibrium models", ""]
+    groups = {n: [m for m in r if m.dynamics] for n, r in results.by_name().items()}
+    groups = {n: r for n, r in groups.items() if r}
+    if not groups:
+        return out + ["No model with dynamics (free phase, solver) in this study.", ""]
+    for n, runs in groups.items():
+        if runs[0].dynamics.trajectory:
+            out += _trajectory_lines(n, runs, files, _total(results))
+        if runs[0].dynamics.attack_depth:
+            out += _attack_depth_lines(n, runs, files, _total(results))
+    return out
+
+
+def health(results: StudyResults, files: Files) -> list[str]:
+    """Every check of every model run."""
+    out = ["## Health checks", ""] + [f"- ({k}) {v}" for k, v in HEALTH_CHECKS.items()] + [""]
+    for m in results.models:
+        rows = [[f"({c.id})", "PASS" if c.passed else "**FAIL**", c.message] for c in m.health]
+        out += [f"### {m.name} (seed {m.seed})", "", md_table(["check", "result", "detail"], rows)]
+        out += [""]
+    return out
+
+
+def gallery(results: StudyResults, files: Files) -> list[str]:
+    """The perturbation pictures."""
+    out = ["## Perturbation gallery", ""]
+    gal = [(m, files[m.run_id]) for m in results.models if m.run_id in files]
+    if not gal:
+        return out + ["No gallery images.", ""]
+    m0 = gal[0][0]
+    g0 = m0.gallery
+    spec = m0.attacks.get(g0.attack)
+    label, param = (spec.label, spec.param) if spec else (g0.attack, "eps")
+    out += [
+        f"The same test images attacked with {label} {value_label(param, g0.eps)} on every "
+        "model: clean (top), adversarial (middle) and the perturbation amplified to full range "
+        "(bottom; grey = 0).",
+        "",
+    ]
+    for m, f in gal:
+        out += [f"### {m.name} (seed {m.seed})", "", f"![gallery {m.name}]({f})", ""]
+    return out
+
+
+def timing(results: StudyResults, files: Files) -> list[str]:
+    """Where the time went."""
+    rows = [[k, f"{v:.1f}"] for k, v in (results.meta.get("timing") or {}).items()]
+    for m in results.models:
+        detail = ", ".join(f"{k} {v:.1f}" for k, v in m.seconds.items())
+        rows.append(
+            [f"evaluate {m.name} (seed {m.seed})", f"{sum(m.seconds.values()):.1f} ({detail})"]
+        )
+    return ["## Time budget", "", md_table(["stage", "seconds"], rows), ""]
+
+
+SECTIONS: tuple[Section, ...] = (
+    header,
+    examples,
+    summary,
+    attacks,
+    corruptions,
+    dynamics,
+    health,
+    gallery,
+    timing,
+)

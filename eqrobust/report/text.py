@@ -1,0 +1,61 @@
+"""Formatting helpers of the report: numbers with intervals, strengths, tables, subset notes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+from eqrobust.results import ModelResult
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and 95 % confidence half-width (Student t) of per-seed values; None for one seed."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), None
+    if v.size == 1:
+        return float(v[0]), None
+    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    return float(v.mean()), float(half)
+
+
+def fmt(values: Sequence[float], digits: int = 3) -> str:
+    """Mean (± 95 % CI over seeds when there are several) or – when there is none."""
+    mean, half = mean_ci(values)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + ("" if half is None else f"±{half:.{digits}f}")
+
+
+def flag_str(runs: Sequence[ModelResult], attack: str, value: float | None) -> str:
+    """' ⚠a,c' for the failed health checks that apply to one cell, else ''."""
+    flags = sorted({f for m in runs for f in m.cell_flags(attack, value)})
+    return " ⚠" + ",".join(flags) if flags else ""
+
+
+def value_label(param: str, v: float) -> str:
+    """A strength as people write it: ε=8/255 for small Linf radii, ε=0.5, c=0.01."""
+    if param == "eps" and v < 0.1 and abs(v * 255 - round(v * 255)) < 1e-6:
+        return f"ε={round(v * 255)}/255"
+    return f"{'ε' if param == 'eps' else 'c'}={v:g}"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def subset_note(n: int, total: int) -> str:
+    return f"all {total} test images" if n >= total else f"**subset: {n} of {total} test images**"
+
+
+def subset_notes(ns: dict[str, int], total: int) -> str:
+    """One note when every model used the same examples, else one per model."""
+    if len(set(ns.values())) <= 1:
+        return subset_note(next(iter(ns.values())), total)
+    return "; ".join(f"{name}: {subset_note(n, total)}" for name, n in ns.items())

@@ -1,0 +1,198 @@
+"""Studies: train-or-load several models, evaluate them on the same examples, write the report.
+
+The only module that imports training, evaluation and the report together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from eqrobust import ep, report
+from eqrobust.classifier import Classifier, GradientPath
+from eqrobust.evaluation import evaluate_classifier
+from eqrobust.results import StudyResults
+from eqrobust.train import Trained, get_trainer
+from eqrobust.train import ep as ep_train
+from eqrobust.train.supervised import load_data
+
+CLASS_NAMES = {
+    "fashion_mnist": [
+        "T-shirt",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Boot",
+    ],
+    "cifar10": ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+def ep_gradient_variants(
+    trained: Trained, analysis: ml_collections.ConfigDict, name: str, data: Any = None
+) -> list[Classifier]:
+    """Classifiers of a trained EP model with other attack-gradient paths (same prediction).
+
+    Args:
+      trained: `eqrobust.train.Trained` from the EP trainer (state["params"]).
+      analysis: `bptt_depths` (unrolled depths > T are dropped; T itself is the exact gradient)
+        and `implicit`.
+      name: display name for the variants.
+      data: the training `Dataset` (its statistics normalise the input); loaded when None.
+
+    Returns:
+      Classifiers: BPTT through each depth t, then the implicit gradient.
+    """
+    data = load_data(trained.config) if data is None else data
+    params = trained.state["params"]
+    ep_config = ep_train.build_ep_config(trained.config, data)
+    depths = sorted({int(t) for t in analysis.bptt_depths if int(t) <= ep_config.t1})
+    paths = [GradientPath("unrolled", t) for t in depths]
+    if analysis.implicit:
+        paths.append(GradientPath("implicit"))
+    return [ep.classifier(params, ep_config, gradient=p, name=name) for p in paths]
+
+
+def _merged(base: ml_collections.ConfigDict, over) -> ml_collections.ConfigDict:
+    """A copy of `base` with the (nested) entries of `over` replacing its own."""
+    out = ml_collections.ConfigDict(base.to_dict())
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict | ml_collections.ConfigDict) and k in dst:
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(out, over)
+    return out
+
+
+def _common_test_split(config: ml_collections.ConfigDict, keys: Sequence[str]) -> Any:
+    """The dataset of the first model; every other model must have the same test split."""
+    data = load_data(config.models[keys[0]])
+    for k in keys[1:]:
+        other = load_data(config.models[k])
+        if not (
+            np.array_equal(other.x_test, data.x_test) and np.array_equal(other.y_test, data.y_test)
+        ):
+            raise ValueError(
+                f"models {keys[0]!r} and {k!r} have different test splits "
+                f"({config.models[keys[0]].dataset} vs {config.models[k].dataset}); a study "
+                "compares models on one dataset"
+            )
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    key: str
+    seed: int
+    classifier: Classifier
+    variants: tuple[Classifier, ...]
+
+
+def _train_or_load(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    keys: Sequence[str],
+    data: Any,
+    timing: dict[str, float],
+    require_trained: bool,
+) -> list[_Run]:
+    """Every (model, seed) of the study trained, or loaded when its run has finished."""
+    seeds = [int(s) for s in config.seeds]
+    runs = []
+    for key in keys:
+        for seed in seeds:
+            cfg = ml_collections.ConfigDict(config.models[key].to_dict())
+            cfg.seed = seed
+            run_dir = os.path.join(workdir, key if len(seeds) == 1 else f"{key}-seed{seed}")
+            if require_trained and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+                raise FileNotFoundError(
+                    f"no checkpoints for {cfg.name} in {run_dir}; train it first, e.g. "
+                    f"python -m experiments.study --config=... --workdir={workdir}"
+                )
+            t0 = time.perf_counter()
+            trained = get_trainer(cfg.trainer)(cfg, run_dir)
+            timing[f"train-or-load {cfg.name} (seed {seed})"] = time.perf_counter() - t0
+            variants: tuple[Classifier, ...] = ()
+            if cfg.trainer == "ep" and seed == seeds[0]:  # depth analysis on the first seed only
+                variants = tuple(ep_gradient_variants(trained, config.ep_analysis, cfg.name, data))
+            clf = dataclasses.replace(trained.classifier, name=cfg.name)
+            runs.append(_Run(key, seed, clf, variants))
+    return runs
+
+
+def run_study(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    out_dir: str | None = None,
+    only: Sequence[str] | None = None,
+    require_trained: bool = False,
+) -> StudyResults:
+    """Trains (or loads finished runs of) every model of a study, evaluates them, writes the report.
+
+    Args:
+      config: see eqrobust/configs/study.py (models, model_order, seeds, ep_analysis, eval).
+      workdir: model runs go to workdir/<model key> (workdir/<key>-seed<s> with several seeds).
+      out_dir: report.md, results.json, plots and galleries go here (default: workdir).
+      only: model keys to include (default: config.model_order).
+      require_trained: raise FileNotFoundError instead of training a model without checkpoints
+        (experiments/evaluate.py).
+
+    Returns:
+      The results (also written to results.json next to report.md).
+    """
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    keys = list(config.model_order) if only is None else list(only)
+    unknown = [k for k in keys if k not in config.models]
+    if unknown:
+        raise ValueError(f"model_order names {unknown} not in config.models {list(config.models)}")
+    data = _common_test_split(config, keys)
+    runs = _train_or_load(config, workdir, keys, data, timing, require_trained)
+    t0 = time.perf_counter()
+    overrides = config.get("eval_overrides", None) or {}
+    models = []
+    for run in runs:
+        ecfg = _merged(config.eval, overrides[run.key]) if run.key in overrides else config.eval
+        models.append(
+            evaluate_classifier(
+                run.classifier,
+                data.x_test,
+                data.y_test,
+                ecfg,
+                seed=run.seed,
+                gradient_variants=run.variants,
+            )
+        )
+    timing["evaluate all models"] = time.perf_counter() - t0
+    trainers = ", ".join(f"{config.models[k].name} ({config.models[k].trainer})" for k in keys)
+    dataset = config.models[keys[0]].dataset
+    meta = dict(
+        title=config.get("title", "Robustness study"),
+        dataset=dataset,
+        scale=config.get("scale", "?"),
+        num_test=len(data.x_test),
+        notes=[f"models (trainer): {trainers}"],
+        timing=timing,
+        eval_config=config.eval.to_dict(),
+        class_names=CLASS_NAMES.get(dataset),
+    )
+    results = StudyResults(models=tuple(models), meta=meta)
+    timing["total before report"] = time.perf_counter() - t_start
+    report.write_report(results, workdir if out_dir is None else out_dir)
+    return results
