@@ -21,7 +21,9 @@ HEALTH_CHECKS = {
     "a": "accuracy at a very large eps is ~0",
     "b": "white-box accuracy <= black-box (Square) accuracy + tolerance",
     "c": "more PGD iterations/restarts change accuracy by <= tolerance",
-    "d": "attack gradient path == prediction path",
+    "d": "the attack gradient is the derivative of the prediction (finite differences, measured)",
+    "e": "the declared gradient path is the prediction path (metadata)",
+    "f": "the prediction is deterministic (else white-box numbers need EOT)",
 }
 
 
@@ -43,6 +45,30 @@ class GradientInfo:
     matches_prediction: bool
     randomized: bool = False  # declared: the forward draws fresh randomness (attacks need EOT)
     test_time_optimization: bool = False  # declared: the forward optimises at test time
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientProbe:
+    """Autodiff directional derivatives of the margin vs finite differences of the prediction."""
+
+    correlation: float  # Pearson over (image, direction) pairs
+    relative_error: float  # median |g.d - fd| / (|g.d| + |fd|)
+    zero_gradient_fraction: float  # images whose input gradient is exactly zero
+    ce_zero_gradient_fraction: float  # ... of the cross-entropy, in the model's precision
+    function_change: float  # median |fd|: does the prediction move at all along d
+    n: int
+    directions: int
+    step: float
+    dtype: str = "float64"  # the precision the prediction was probed in
+
+
+@dataclasses.dataclass(frozen=True)
+class DeterminismProbe:
+    """The forward called several times on the same images."""
+
+    max_logit_change: float
+    prediction_change: float  # fraction of images whose prediction changed between calls
+    n: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +214,8 @@ class ModelResult:
     masking_comparisons: tuple[MaskingComparison, ...] = ()
     convergence_runs: tuple[ConvergenceRun, ...] = ()
     gallery: Gallery | None = None
+    gradient_probe: GradientProbe | None = None
+    determinism: DeterminismProbe | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -324,7 +352,7 @@ def validate(results: StudyResults) -> None:
         if any(not 0.0 <= a <= 1.0 for a in accs):
             raise ValueError(f"{where}: accuracy outside [0, 1] in {accs}")
         ids = {c.id for c in m.health}
-        if "d" not in ids:
-            raise ValueError(f"{where}: health check (d) missing")
+        if "e" not in ids:
+            raise ValueError(f"{where}: health check (e) missing")
         if any(a.large is not None for a in m.attacks.values()) and "a" not in ids:
             raise ValueError(f"{where}: health check (a) missing although large-eps runs exist")

@@ -61,6 +61,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.health.more_restarts_factor = 5  # (c)
     c.health.convergence_tolerance = 0.01  # (c): 1 point
     c.health.convergence_attacks = ("pgd_l2", "pgd_linf")  # (c) is run for these
+    # (d): the measured gradient check (images, random directions, finite-difference step).
+    c.health.gradient_images = 8
+    c.health.gradient_directions = 4
+    c.health.gradient_step = 1e-5  # in float64 (the probe casts the model's weights)
+    c.health.gradient_min_correlation = 0.95
+    c.health.gradient_max_relative_error = 0.1
+    c.health.gradient_max_zero_fraction = 0.5
+    c.health.determinism_tolerance = 1e-5  # (f): largest logit change between repeated calls
 
     c.gallery = ml_collections.ConfigDict()
     c.gallery.num_images = 6

@@ -10,7 +10,9 @@ import numpy as np
 from eqrobust.results import (
     AttackResult,
     ConvergenceRun,
+    DeterminismProbe,
     GradientInfo,
+    GradientProbe,
     HealthCheck,
     MaskingComparison,
     ModelResult,
@@ -77,10 +79,64 @@ def check_convergence(run: ConvergenceRun, label: str, tolerance: float) -> Heal
     )
 
 
-def check_gradient_path(g: GradientInfo) -> HealthCheck:
-    """(d): the declared attack gradient must be the gradient of the (deterministic) prediction.
+def check_gradient_probe(p: GradientProbe, h: ml_collections.ConfigDict) -> HealthCheck:
+    """(d): measured, not declared: autodiff directional derivatives of the margin must match
+    finite differences of the prediction (high correlation, small relative error), and the
+    gradient must not be zero."""
+    zero = p.zero_gradient_fraction > h.gradient_max_zero_fraction
+    saturated = p.ce_zero_gradient_fraction > h.gradient_max_zero_fraction
+    ok = (
+        not zero
+        and not saturated
+        and p.correlation >= h.gradient_min_correlation
+        and p.relative_error <= h.gradient_max_relative_error
+    )
+    if zero:
+        verdict = "ZERO input gradients: white-box attacks cannot move (masked)"
+    elif saturated:
+        verdict = "SATURATED softmax: cross-entropy gradients are zero (use margin/DLR losses)"
+    elif not ok:
+        verdict = (
+            "the attack gradient is NOT the derivative of the prediction (masked or surrogate)"
+        )
+    else:
+        verdict = "gradient matches the prediction"
+    return HealthCheck(
+        id="d",
+        attack="*",
+        value=None,
+        passed=bool(ok),
+        message=(
+            f"autodiff vs finite differences on {p.n} images x {p.directions} directions "
+            f"(h={p.step:g}, {p.dtype}): correlation {p.correlation:.3f}, median relative error "
+            f"{p.relative_error:.3f}, zero gradients {p.zero_gradient_fraction:.0%} (cross-"
+            f"entropy {p.ce_zero_gradient_fraction:.0%}), median "
+            f"|change| {p.function_change:.2e}: {verdict}"
+        ),
+    )
 
-    A randomised forward needs EOT attacks, which the suite does not run yet, so it fails (d) too.
+
+def check_determinism(p: DeterminismProbe, tolerance: float) -> HealthCheck:
+    """(f): the same input twice must give the same logits; otherwise attacks need EOT."""
+    ok = p.max_logit_change <= tolerance
+    return HealthCheck(
+        id="f",
+        attack="*",
+        value=None,
+        passed=bool(ok),
+        message=(
+            f"forward repeated on {p.n} images: largest logit change {p.max_logit_change:.2e}, "
+            f"predictions changed on {p.prediction_change:.0%}"
+            + ("" if ok else ": RANDOMISED forward; white-box numbers need EOT attacks")
+        ),
+    )
+
+
+def check_gradient_path(g: GradientInfo) -> HealthCheck:
+    """(e): the declared attack gradient must be the gradient of the (deterministic) prediction.
+
+    Metadata only (a second line behind the measured (d)). A declared randomised forward needs
+    EOT attacks, which fails it too.
     """
     ok = g.matches_prediction and not g.randomized
     detail = (
@@ -94,12 +150,12 @@ def check_gradient_path(g: GradientInfo) -> HealthCheck:
     if g.test_time_optimization:
         detail += "; the forward optimises at test time: only adaptive attacks count"
     return HealthCheck(
-        id="d",
+        id="e",
         attack="*",
         value=None,
         passed=bool(ok),
         message=(
-            f"gradient mode {g.mode!r}, gradient depth {g.gradient_depth}, prediction "
+            f"declared gradient mode {g.mode!r}, gradient depth {g.gradient_depth}, prediction "
             f"depth {g.prediction_depth}: {detail}"
         ),
     )
@@ -118,7 +174,11 @@ def health_checks(model: ModelResult, config: ml_collections.ConfigDict) -> list
         check_convergence(r, label(r.attack), h.convergence_tolerance)
         for r in model.convergence_runs
     ]
+    if model.gradient_probe is not None:
+        checks.append(check_gradient_probe(model.gradient_probe, h))
     checks.append(check_gradient_path(model.gradient))
+    if model.determinism is not None:
+        checks.append(check_determinism(model.determinism, h.determinism_tolerance))
     return checks
 
 

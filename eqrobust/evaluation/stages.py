@@ -15,6 +15,7 @@ from eqrobust import corruptions as corruptions_lib
 from eqrobust import ops
 from eqrobust.attacks import _common, registry
 from eqrobust.evaluation.context import Context, gradient_info, predict
+from eqrobust.evaluation.probes import determinism_probe, gradient_probe
 from eqrobust.results import (
     Accuracy,
     AttackDepth,
@@ -35,6 +36,7 @@ Stage = Callable[[Context, dict[str, Any]], dict[str, Any]]
 # Keys folded into the evaluation key per stage, so a stage's randomness does not depend on which
 # other stages ran.
 _ATTACK_KEY, _CONVERGENCE_KEY, _DYNAMICS_KEY, _GALLERY_KEY = 1000, 3000, 4000, 5000
+_PROBE_KEY = 6000
 
 
 def clean(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +100,29 @@ def attacks(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     for name in names:
         registry.get(name)  # unknown names fail before any attack runs
     return dict(attacks={name: _attack_one(ctx, i, name) for i, name in enumerate(names)})
+
+
+def probes(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """Checks (d) and (f)'s measurements on the first correctly classified examples."""
+    h = ctx.config.health
+    idx = np.flatnonzero(ctx.clean_correct)[: int(h.gradient_images)]
+    if len(idx) == 0:  # nothing classified correctly: probe the first examples anyway
+        idx = np.arange(min(int(h.gradient_images), len(ctx.x)))
+    fn = ctx.classifier.logits_fn
+    x, y = ctx.x[idx], ctx.y[idx]
+    grad = gradient_probe(
+        fn,
+        x,
+        y,
+        key=jax.random.fold_in(ctx.key, _PROBE_KEY),
+        directions=int(h.gradient_directions),
+        step=float(h.gradient_step),
+    )
+    ctx.log(
+        f"gradient probe: correlation {grad.correlation:.3f}, relative error "
+        f"{grad.relative_error:.3f}, zero gradients {grad.zero_gradient_fraction:.0%}"
+    )
+    return dict(gradient_probe=grad, determinism=determinism_probe(fn, x))
 
 
 def masking(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
@@ -294,6 +319,7 @@ def gallery(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
 # The order matters: masking and convergence read the attack grid's per-example results.
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("clean", clean),
+    ("probes", probes),
     ("attacks", attacks),
     ("masking", masking),
     ("convergence", convergence),

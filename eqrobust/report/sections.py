@@ -86,11 +86,12 @@ def summary_rows(results: StudyResults) -> tuple[list[str], list[list[str]]]:
         row = [mname, fmt([m.clean.accuracy for m in runs])]
         for a in anames:
             vals = [float(np.mean(m.attacks[a].accuracy)) for m in runs if a in m.attacks]
-            row.append(fmt(vals) + flag_str(runs, a, None) if vals else "–")
+            # A cell whose checks fail shows the flags, not a number that cannot be trusted.
+            row.append((flag_str(runs, a, None).strip() or fmt(vals)) if vals else "–")
         cor = [m.corruptions.mean for m in runs if m.corruptions]
         row.append(fmt(cor) if cor else "–")
-        row.append(fmt([m.mean_robustness for m in runs]))
         failed = sorted({c.id for m in runs for c in m.health if not c.passed})
+        row.append("⚠" + ",".join(failed) if failed else fmt([m.mean_robustness for m in runs]))
         row.append(", ".join(f"({f})" for f in failed) if failed else "none")
         rows.append(row)
     return head, rows
@@ -105,8 +106,8 @@ def summary(results: StudyResults, files: Files) -> list[str]:
         md_table(head, rows),
         "",
         "Mean robustness = mean robust accuracy over every attack and strength of the grid "
-        "below (large-ε sanity points excluded). ⚠x marks a cell where health check (x) "
-        "failed (see *Health checks*).",
+        "below (large-ε sanity points excluded). ⚠x replaces a number whose health check (x) "
+        "failed (see *Health checks*; the tables below keep the numbers, flagged).",
         "",
     ]
 

@@ -1,0 +1,112 @@
+"""Measurements of a classifier itself (not of an attack): is its attack gradient the derivative
+of its prediction, and is its prediction deterministic?
+
+These never read the classifier's metadata: a mislabelled gradient path, a surrogate gradient, a
+zero gradient or a forward that draws fresh noise are found numerically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqrobust.attacks import losses
+from eqrobust.results import DeterminismProbe, GradientProbe
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+
+
+def _margin(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
+    """[B] true-class margin z_y - max_{j != y} z_j of the prediction at x."""
+    return losses.margin(logits_fn(x), y)
+
+
+def gradient_probe(
+    logits_fn: LogitsFn,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    key: Array,
+    directions: int = 4,
+    step: float = 1e-5,
+    interior: float = 0.02,
+) -> GradientProbe:
+    """Compares autodiff directional derivatives of the margin with central finite differences
+    of the prediction itself.
+
+    The points are moved into the interior of [0, 1] with uniform noise of size `interior` (exact
+    ties, e.g. zero backgrounds through a hard sigmoid, make the prediction non-smooth there, as
+    an attack's random start would). For each image and random unit direction d (L2),
+    autodiff gives g.d = <grad margin(x), d>; the prediction gives
+    fd = (margin(x + h d) - margin(x - h d)) / (2 h). An honest gradient gives g.d ~= fd; a
+    zero, surrogate or shallower gradient does not.
+
+    Runs in float64: the arrays of a pytree `logits_fn` (a `jax.tree_util.Partial` holding the
+    weights, as every eqrobust model's) are cast, so finite differences with a small step are
+    exact up to the prediction's kinks. A model that computes in float32 anyway is probed in
+    float32 (`dtype` says which), where a step of 1e-5 is too small: pass a larger one.
+
+    Args:
+        logits_fn: the classifier's `logits_fn` (its forward value is the prediction).
+        x: [N, H, W, C] images in [0, 1]; y: [N] labels.
+        key: PRNG key (interior noise and directions).
+        directions: random directions per image.
+        step: finite-difference step h along the unit direction (L2 norm of the change).
+        interior: size of the uniform noise moving points off the [0, 1] boundaries.
+
+    Returns:
+        `GradientProbe` with the correlation and median relative error over all (image,
+        direction) pairs and the fraction of images whose gradient is exactly zero.
+    """
+    with jax.enable_x64(True):
+        floating = lambda a: hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+        to64 = lambda a: a.astype(jnp.float64) if floating(a) else a
+        fn = jax.tree.map(to64, logits_fn)
+        x = jnp.asarray(x, jnp.float64)
+        y = jnp.asarray(y, jnp.int32)
+        k_noise, k_dir = jax.random.split(key)
+        noise = jax.random.uniform(k_noise, x.shape, x.dtype, -interior, interior)
+        x0 = jnp.clip(x + noise, interior, 1.0 - interior)
+        margin = jax.jit(lambda xx: _margin(fn, xx, y))
+        dtype = str(margin(x0).dtype)
+        grad = jax.grad(lambda xx: jnp.sum(_margin(fn, xx, y)))(x0)
+        d = jax.random.normal(k_dir, (directions,) + x.shape, x.dtype)
+        d = d / jnp.sqrt(jnp.sum(d * d, axis=(2, 3, 4), keepdims=True))  # unit L2 per image
+        autodiff = jnp.sum((grad[None] * d).reshape(directions, x.shape[0], -1), axis=-1)
+        fd = jnp.stack([(margin(x0 + step * di) - margin(x0 - step * di)) / (2 * step) for di in d])
+        a, f = np.asarray(autodiff, np.float64).ravel(), np.asarray(fd, np.float64).ravel()
+        zero = np.asarray(jnp.all(grad.reshape(x.shape[0], -1) == 0, axis=1))
+    # Cross-entropy, as the attacks compute it, in the model's own precision: a saturated softmax
+    # makes its gradient exactly zero although the margin's is not.
+    x32 = jnp.asarray(x0, jnp.float32)
+    ce = jax.grad(lambda xx: jnp.sum(losses.cross_entropy(logits_fn(xx), y)))(x32)
+    ce_zero = np.asarray(jnp.all(ce.reshape(x.shape[0], -1) == 0, axis=1))
+    corr = float(np.corrcoef(a, f)[0, 1]) if np.std(a) > 0 and np.std(f) > 0 else 0.0
+    scale = np.abs(a) + np.abs(f)
+    rel = np.where(scale > 0, np.abs(a - f) / np.where(scale > 0, scale, 1.0), 0.0)
+    return GradientProbe(
+        correlation=corr,
+        relative_error=float(np.median(rel)),
+        zero_gradient_fraction=float(zero.mean()),
+        ce_zero_gradient_fraction=float(ce_zero.mean()),
+        function_change=float(np.median(np.abs(f))),
+        n=int(x.shape[0]),
+        directions=int(directions),
+        step=float(step),
+        dtype=dtype,
+    )
+
+
+def determinism_probe(logits_fn: LogitsFn, x: np.ndarray, *, calls: int = 3) -> DeterminismProbe:
+    """Calls the forward `calls` times on the same images and measures the largest change of the
+    logits and the fraction of changed predictions."""
+    x = jnp.asarray(x, jnp.float32)
+    outs = [np.asarray(logits_fn(x), np.float64) for _ in range(calls)]
+    diff = max(float(np.max(np.abs(o - outs[0]))) for o in outs[1:])
+    preds = np.stack([o.argmax(-1) for o in outs])  # [calls, N]
+    flips = float(np.mean(np.any(preds != preds[0], axis=0)))
+    return DeterminismProbe(max_logit_change=diff, prediction_change=flips, n=int(x.shape[0]))
