@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from eqrobust import ops
+from eqrobust.ops import conv
+
 Array = jax.Array
 
 
@@ -70,8 +73,8 @@ Params = tuple[Layer, ...]
 States = tuple[Array, ...]
 
 OUTPUT_MODES = ("softmax", "mse")
-POOL_IMPLS = ("reduce_window", "reshape")
-CONV_IMPLS = ("xla", "patches")
+POOL_IMPLS = ops.POOL_IMPLS
+CONV_IMPLS = ops.CONV_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,78 +187,24 @@ class EnergyConfig:
 # --------------------------------------------------------------------------- building blocks
 
 
-@jax.custom_vjp
-def _maxpool2_first(u: Array) -> Array:
-    """2x2 max pool of an even-sized u [B, H, W, C] whose gradient goes to the FIRST maximum of
-    each window (row-major), like PyTorch's max_pool2d and XLA's select_and_scatter, instead of
-    being split between tied entries (what autodiff of jnp.max does). Ties are common: a constant
-    image background gives equal conv outputs across a window."""
-    return _pool_fwd(u)[0]
-
-
-def _pool_fwd(u: Array):
-    x00, x01, x10, x11 = u[:, 0::2, 0::2], u[:, 0::2, 1::2], u[:, 1::2, 0::2], u[:, 1::2, 1::2]
-    m = jnp.maximum(jnp.maximum(x00, x01), jnp.maximum(x10, x11))
-    e00 = x00 == m
-    e01 = (x01 == m) & ~e00
-    e10 = (x10 == m) & ~(e00 | e01)
-    e11 = ~(e00 | e01 | e10)
-    return m, (e00, e01, e10, e11)
-
-
-def _pool_bwd(masks, g: Array):
-    b, h, w, c = g.shape
-    z = jnp.zeros((), g.dtype)
-    e00, e01, e10, e11 = (jnp.where(e, g, z) for e in masks)
-    top = jnp.stack([e00, e01], axis=3)  # [B, h, w, 2, C]
-    bot = jnp.stack([e10, e11], axis=3)
-    return (jnp.stack([top, bot], axis=2).reshape(b, 2 * h, 2 * w, c),)
-
-
-_maxpool2_first.defvjp(lambda u: _pool_fwd(u), _pool_bwd)
-
-
 def maxpool2(u: Array, impl: str = "reduce_window") -> Array:
-    """2x2/stride-2 max pool, odd trailing rows/cols dropped. u: [B,H,W,C] -> [B,H//2,W//2,C].
+    """2x2/stride-2 max pool, first-maximum gradient: `eqrobust.ops.max_pool_2x2`.
 
-    "reduce_window": lax.reduce_window (gradient by select_and_scatter, first maximum);
-    "reshape": strided slices + elementwise max with the same first-maximum gradient (a custom VJP
-    made of elementwise ops; several times faster inside XLA:CPU while loops).
+    u: [B, H, W, C] -> [B, H // 2, W // 2, C]. Kept for the energy's callers (default impl as
+    before); `impl` is "reshape" or "reduce_window", see `ops.max_pool_2x2`.
     """
-    if impl == "reduce_window":
-        return jax.lax.reduce_window(u, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-    _, h, w, _ = u.shape
-    return _maxpool2_first(u[:, : 2 * (h // 2), : 2 * (w // 2)])
-
-
-def conv(s: Array, w: Array, padding: int, impl: str = "xla") -> Array:
-    """Stride-1 NHWC convolution with symmetric zero padding. s: [B,H,W,Cin], w: [k,k,Cin,Cout]."""
-    if impl == "patches":
-        k = w.shape[0]
-        sp = jnp.pad(s, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        ho, wo = sp.shape[1] - k + 1, sp.shape[2] - k + 1
-        cols = [sp[:, i : i + ho, j : j + wo] for i in range(k) for j in range(k)]
-        # [B, Ho, Wo, k*k*Cin] @ [k*k*Cin, Cout]; the (i, j, c) order matches HWIO's reshape.
-        return jnp.concatenate(cols, axis=-1) @ w.reshape(-1, w.shape[-1])
-    return jax.lax.conv_general_dilated(
-        s, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    return ops.max_pool_2x2(u, impl)
 
 
 def normalize(x: Array, config: EnergyConfig) -> Array:
     """(x - mean) / std per channel; x: [B, H, W, C] in [0, 1]."""
-    mean = jnp.asarray(config.mean, x.dtype)
-    std = jnp.asarray(config.std, x.dtype)
-    return (x - mean) / std
+    return ops.normalize(x, config.mean, config.std)
 
 
 def check_inputs(x: Array, config: EnergyConfig) -> None:
-    """Raises ValueError unless x is [B, H, W, C] with (H, W, C) == config.in_shape."""
-    if x.ndim != 4 or tuple(x.shape[1:]) != config.in_shape:
-        raise ValueError(
-            f"Expected images [B, {', '.join(map(str, config.in_shape))}] (NHWC, in [0, 1]); "
-            f"got shape {tuple(x.shape)}."
-        )
+    """Raises ValueError unless x is float [B, *config.in_shape] (and, when concrete, finite and
+    in [0, 1]); see `ops.check_images`."""
+    ops.check_images(x, config.in_shape, who="the EP energy")
 
 
 def _check_states(states: States, config: EnergyConfig, batch: int) -> None:

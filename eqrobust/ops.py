@@ -1,43 +1,235 @@
-"""TEMPORARY stand-in (replaced by the engine branch's ops module at merge)."""
+"""Shared low-level ops: convolution, 2x2 max pool, normalisation, input checks, chunked runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 from tqdm.auto import tqdm
 
+Array = jax.Array
 
-def check_images(x, in_shape=None, who: str = "") -> None:
-    if x.ndim != 4:
-        raise ValueError(f"x must be [N, H, W, C], got shape {x.shape}")
-    if not isinstance(x, jax.core.Tracer):
-        if not np.all(np.isfinite(np.asarray(x))):
-            raise ValueError(f"{who}: images contain NaN or inf")
-        if x.min() < 0 or x.max() > 1:
-            raise ValueError(f"x must be in [0, 1] (or uint8), got range [{x.min()}, {x.max()}]")
+CONV_IMPLS = ("xla", "patches")
+POOL_IMPLS = ("reshape", "reduce_window")
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def conv(x: Array, w: Array, padding: int, impl: str = "xla") -> Array:
+    """Stride-1 NHWC convolution with symmetric zero padding.
+
+    Args:
+        x: [B, H, W, C_in].
+        w: [k, k, C_in, C_out] (HWIO).
+        padding: zero padding on each side of H and W.
+        impl: "xla" (lax.conv_general_dilated; cuDNN on GPU) or "patches" (k*k shifted slices
+            concatenated, then one matmul; several times faster on CPU, especially inside while
+            loops). Same values up to rounding, same parameters.
+
+    Returns:
+        [B, H + 2 p - k + 1, W + 2 p - k + 1, C_out].
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}; got {impl!r}.")
+    if impl == "patches":
+        k = w.shape[0]
+        sp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        ho, wo = sp.shape[1] - k + 1, sp.shape[2] - k + 1
+        cols = [sp[:, i : i + ho, j : j + wo] for i in range(k) for j in range(k)]
+        # [B, Ho, Wo, k*k*Cin] @ [k*k*Cin, Cout]; the (i, j, c) order matches HWIO's reshape.
+        return jnp.concatenate(cols, axis=-1) @ w.reshape(-1, w.shape[-1])
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+# --------------------------------------------------------------------------- max pool
+# Tie rule (one for every model): the gradient of a 2x2 window goes to its FIRST maximum in
+# row-major order (top-left, top-right, bottom-left, bottom-right), like PyTorch's max_pool2d
+# and XLA's select_and_scatter. Autodiff of jnp.max would split it between tied entries
+# instead; ties are common (a constant image background gives equal conv outputs, ReLU zeros).
+
+
+@jax.custom_vjp
+def _pool_first(u: Array) -> Array:
+    return _pool_fwd(u)[0]
+
+
+def _pool_fwd(u: Array):
+    x00, x01, x10, x11 = u[:, 0::2, 0::2], u[:, 0::2, 1::2], u[:, 1::2, 0::2], u[:, 1::2, 1::2]
+    m = jnp.maximum(jnp.maximum(x00, x01), jnp.maximum(x10, x11))
+    e00 = x00 == m
+    e01 = (x01 == m) & ~e00
+    e10 = (x10 == m) & ~(e00 | e01)
+    e11 = ~(e00 | e01 | e10)
+    return m, (e00, e01, e10, e11)
+
+
+def _pool_bwd(masks, g: Array):
+    b, h, w, c = g.shape
+    z = jnp.zeros((), g.dtype)
+    e00, e01, e10, e11 = (jnp.where(e, g, z) for e in masks)
+    # Interleave by stack + reshape (cheap) rather than scattering into strided slices.
+    top = jnp.stack([e00, e01], axis=3)  # [B, h, w, 2, C]
+    bot = jnp.stack([e10, e11], axis=3)
+    return (jnp.stack([top, bot], axis=2).reshape(b, 2 * h, 2 * w, c),)
+
+
+_pool_first.defvjp(_pool_fwd, _pool_bwd)
+
+
+def max_pool_2x2(u: Array, impl: str = "reshape") -> Array:
+    """2x2 / stride-2 max pool (floor mode: odd trailing rows/cols dropped).
+
+    Values equal ``nnx.max_pool(u, (2, 2), strides=(2, 2))``. The gradient of each window goes to
+    its first maximum in row-major order (see the tie rule above), for both formulations.
+
+    Args:
+        u: [B, H, W, C].
+        impl: "reshape" (strided slices + elementwise max with a custom first-maximum VJP made of
+            elementwise ops; default, several times faster inside XLA:CPU while loops, see
+            BUILD_NOTES) or "reduce_window" (lax.reduce_window; gradient by select_and_scatter).
+            Same values and gradients. Not forward-mode differentiable with "reshape".
+
+    Returns:
+        [B, H // 2, W // 2, C].
+    """
+    if impl not in POOL_IMPLS:
+        raise ValueError(f"max pool impl must be one of {POOL_IMPLS}; got {impl!r}.")
+    if impl == "reduce_window":
+        return jax.lax.reduce_window(u, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    _, h, w, _ = u.shape
+    return _pool_first(u[:, : 2 * (h // 2), : 2 * (w // 2)])
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def normalize(x: Array, mean: ArrayLike, std: ArrayLike) -> Array:
+    """(x - mean) / std per channel, in x's dtype. x: [..., C]; mean, std: scalar or [C]."""
+    return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+
+
+@jax.jit
+def _image_stats(x: Array) -> tuple[Array, Array, Array]:
+    """(number of non-finite values, min and max over the finite values) in one pass."""
+    finite = jnp.isfinite(x)
+    lo = jnp.min(jnp.where(finite, x, jnp.inf))
+    hi = jnp.max(jnp.where(finite, x, -jnp.inf))
+    return jnp.sum(~finite), lo, hi
+
+
+def check_images(x: ArrayLike, in_shape: Sequence[int] | None = None, who: str = "model") -> Array:
+    """Validates a batch of images at a public boundary and returns it as a jax array.
+
+    Checks: 4-d ``[B, H, W, C]`` (and ``(H, W, C) == in_shape`` when given), a floating dtype,
+    and, on concrete (non-traced) arrays only, finite values in ``[0, 1]``.
+
+    Args:
+        x: [B, H, W, C] float images in [0, 1].
+        in_shape: expected per-example shape (H, W, C), or None for any.
+        who: the caller's name, for error messages.
+
+    Returns:
+        ``jnp.asarray(x)`` (unchanged values and dtype).
+
+    Raises:
+        ValueError: saying what was expected and how to fix it.
+    """
+    x = jnp.asarray(x)
+    want = "B, H, W, C" if in_shape is None else ", ".join(["B", *map(str, in_shape)])
+    if x.ndim != 4 or (in_shape is not None and tuple(x.shape[1:]) != tuple(in_shape)):
+        raise ValueError(
+            f"Expected images [{want}] (NHWC, float in [0, 1]) for {who}; "
+            f"got shape {tuple(x.shape)}."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{who} expects float images in [0, 1], got dtype {x.dtype}; "
+            "convert uint8 with eqrobust.data.to_float."
+        )
+    if not isinstance(x, jax.core.Tracer) and x.size:
+        # A concrete x can still meet an outer trace (a constant closed over by a jitted fn):
+        # evaluate the check now rather than staging it into that program.
+        with jax.ensure_compile_time_eval():
+            bad, lo, hi = (float(v) for v in jax.device_get(_image_stats(x)))
+        if bad:
+            raise ValueError(
+                f"{who} got {int(bad)} NaN/inf pixel value(s) in images of shape "
+                f"{tuple(x.shape)}; images must be finite floats in [0, 1]."
+            )
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(
+                f"{who} expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                "normalisation is part of the model, pass raw [0, 1] pixels."
+            )
+    return x
+
+
+# --------------------------------------------------------------------------- chunked runs
 
 
 def run_chunked(
     fn: Callable[..., Any],
-    *arrays: np.ndarray,
+    *arrays: ArrayLike,
     batch_size: int,
-    key: jax.Array | None = None,
+    key: Array | None = None,
     desc: str = "",
     progress: bool = False,
+    postfix: Callable[[list[Any]], dict[str, Any]] | None = None,
 ) -> Any:
-    n = len(arrays[0])
-    bs = min(batch_size, n)
-    outs = []
-    for i, start in enumerate(tqdm(range(0, n, bs), desc=desc, leave=False, disable=not progress)):
-        chunk = [a[start : start + bs] for a in arrays]
-        m = len(chunk[0])
-        if m < bs:
-            chunk = [np.concatenate([c, np.repeat(c[:1], bs - m, axis=0)]) for c in chunk]
-        args = [jnp.asarray(c) for c in chunk]
-        out = fn(*args, jax.random.fold_in(key, i)) if key is not None else fn(*args)
-        outs.append(jax.tree.map(lambda o: np.asarray(o)[:m], out))
-    return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+    """Applies ``fn`` to fixed-size chunks of ``arrays`` and concatenates the results on the host.
+
+    Every chunk has ``min(batch_size, N)`` examples: the last one is padded by repeating its final
+    example and the padded outputs are dropped, so one compiled ``fn`` serves all chunks.
+
+    Args:
+        fn: ``fn(*chunks) -> out`` or, when ``key`` is given, ``fn(*chunks, fold_in(key, i))`` for
+            chunk ``i``; chunks are jax arrays ``[b, ...]``; ``out`` is an array ``[b, ...]`` or a
+            NamedTuple/tuple of them.
+        *arrays: arrays ``[N, ...]`` (NumPy or jax) with the same ``N > 0``.
+        batch_size: chunk size (>= 1).
+        key: PRNG key, folded with the chunk index.
+        desc: progress bar label.
+        progress: show a tqdm bar (unit: examples).
+        postfix: ``postfix(outs) -> dict`` shown on the bar after each chunk, where ``outs`` is the
+            list of (unpadded, host) chunk results so far.
+
+    Returns:
+        ``out``'s structure with NumPy leaves ``[N, ...]``.
+    """
+    if not arrays:
+        raise ValueError("run_chunked: pass at least one array [N, ...].")
+    arrays = tuple(a if isinstance(a, np.ndarray | jax.Array) else np.asarray(a) for a in arrays)
+    n = arrays[0].shape[0] if arrays[0].ndim else 0
+    if n == 0 or any(a.ndim == 0 or a.shape[0] != n for a in arrays):
+        raise ValueError(
+            "run_chunked: arrays need one leading axis of the same length N > 0; got shapes "
+            f"{[tuple(a.shape) for a in arrays]}."
+        )
+    if not (isinstance(batch_size, int | np.integer) and batch_size >= 1):
+        raise ValueError(f"run_chunked: batch_size must be an int >= 1, got {batch_size!r}.")
+    bs = min(int(batch_size), n)
+    outs: list[Any] = []
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    for i, start in enumerate(range(0, n, bs)):
+        m = min(bs, n - start)
+        chunks = []
+        for a in arrays:
+            c = a[start : start + m]
+            if m < bs:  # pad with copies of the last example: same shapes, same compiled fn
+                lib = np if isinstance(c, np.ndarray) else jnp
+                c = lib.concatenate([c, lib.repeat(c[-1:], bs - m, axis=0)])
+            chunks.append(jnp.asarray(c))
+        out = fn(*chunks) if key is None else fn(*chunks, jax.random.fold_in(key, i))
+        outs.append(jax.tree.map(lambda o, m=m: np.asarray(o)[:m], jax.device_get(out)))
+        bar.update(m)
+        if postfix is not None:
+            bar.set_postfix(postfix(outs))
+    bar.close()
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -31,9 +32,10 @@ _GRAD_OPTIONS = {
         "backward_tol": None,
         "backward_max_steps": None,
         "backward_options": None,
+        "backward_throw": False,
     },
     "phantom": {"grad_steps": 5, "grad_damping": 0.5},
-    "unrolled": {},
+    "unrolled": {"remat": False},
     "none": {},
 }
 
@@ -51,6 +53,36 @@ class Trajectory(NamedTuple):
     residual: jax.Array
 
 
+class Status(enum.IntEnum):
+    """Per-example outcome of a solve (``Solution.status``, int8), like optimistix's RESULTS."""
+
+    SUCCESS = 0  # relative residual below tol
+    MAX_STEPS = 1  # not converged within max_steps
+    NONFINITE = 2  # an iterate or its residual became NaN/inf; frozen at the last finite iterate
+
+
+class SolverState(NamedTuple):
+    """Where a solve stopped, to continue it (``solve(..., init_state=sol.state)``).
+
+    Opaque except for ``step``; it is tied to the method, its ``memory``, ``z0``'s structure and
+    the batch size.
+
+    Attributes:
+        step: scalar int32, loop iterations done so far (over all continued calls).
+        z: the current (last accepted) iterate per example, in the method's working form (the
+            state pytree for Picard, per-example vectors ``[B, D]`` for Anderson/Broyden).
+        fz: ``F(z)``, so that a continuation costs no extra f-evaluation.
+        buffers: the method's buffers: ``()`` for Picard; Anderson ``(xs, fs)`` ``[B, m, D]``
+            history of iterates and their images; Broyden ``(U, V, B g)``: the rank-1 update
+            buffers ``[B, m, D]`` of the inverse Jacobian estimate and ``B g`` at ``z``.
+    """
+
+    step: jax.Array
+    z: PyTree
+    fz: PyTree
+    buffers: Any
+
+
 class Solution(NamedTuple):
     """Result of :func:`solve`.
 
@@ -59,8 +91,11 @@ class Solution(NamedTuple):
             iterate for Picard, the lowest-residual iterate for Anderson/Broyden by default).
         steps: ``[B]`` int32, solver steps applied to each example (f-evaluations are steps + 1).
         residual: ``[B]`` relative residual ``||f(z)-z|| / (||f(z)|| + eps)`` of the returned ``z``.
-        converged: ``[B]`` bool, ``residual < tol``.
+        converged: ``[B]`` bool, ``residual < tol`` and every iterate finite
+            (``status == Status.SUCCESS``).
         trajectory: :class:`Trajectory` when ``record > 0``, else ``None``.
+        status: ``[B]`` int8 :class:`Status` code per example.
+        state: :class:`SolverState` to continue the solve, when ``return_state=True``.
     """
 
     z: PyTree
@@ -68,6 +103,8 @@ class Solution(NamedTuple):
     residual: jax.Array
     converged: jax.Array
     trajectory: Trajectory | None
+    status: jax.Array | None = None
+    state: SolverState | None = None
 
 
 class ConvergenceError(RuntimeError):
@@ -267,13 +304,19 @@ def _broyden_step(F, w, fw, mstate, i, active, opts):
     w_new = w + dx
     fw_new = F(w_new)
     g_new = fw_new - w_new
-    # Broadcast-and-reduce instead of batched dots: same work for small m, faster to compile.
-    c_dx = keep * jnp.sum(us * dx[:, None], axis=2, keepdims=True)  # U^T dz  [B, m, 1]
-    c_g = keep * jnp.sum(vs * g_new[:, None], axis=2, keepdims=True)  # V^T g_new
-    vt = -dx + jnp.sum(vs * c_dx, axis=1)  # dz^T B
-    bg_new = -g_new + jnp.sum(us * c_g, axis=1)  # B g_new, before this step's update
+    # Batched mat-vecs (HIGHEST: no reduced-precision dots on accelerators).
+    mv = lambda spec, a, b: jnp.einsum(spec, a, b, precision=lax.Precision.HIGHEST)
+    keep = keep[..., 0]
+    c_dx = keep * mv("bmd,bd->bm", us, dx)  # U^T dz  [B, m]
+    c_g = keep * mv("bmd,bd->bm", vs, g_new)  # V^T g_new
+    vt = -dx + mv("bmd,bm->bd", vs, c_dx)  # dz^T B
+    bg_new = -g_new + mv("bmd,bm->bd", us, c_g)  # B g_new, before this step's update
     den = jnp.sum(vt * (g_new - g), axis=1, keepdims=True)
     u = _safe_div(dx - (bg_new - bg), den)
+    # V is updated in place below, which must wait for V's last read (c_g). No data dependency
+    # ordered them, so XLA copied the whole [B, m, D] V buffer twice per step (most of Broyden's
+    # extra cost over Anderson, see BUILD_NOTES); adding 0 * c_g makes the order explicit.
+    vt = vt + 0.0 * c_g[:, :1]
     vt = jnp.where(jnp.isfinite(vt), vt, 0.0)
     bg_new = bg_new + u * jnp.sum(vt * g_new, axis=1, keepdims=True)  # B_new g_new
     us = _write_slot(us, slot, u, active)
@@ -298,7 +341,8 @@ class _Carry(NamedTuple):
     fw: PyTree  # F(current iterate)
     res: jax.Array  # [B] residual of the current iterate
     steps: jax.Array  # [B]
-    done: jax.Array  # [B]
+    done: jax.Array  # [B] converged or failed: not updated any more (stop="converged")
+    bad: jax.Array  # [B] an iterate became non-finite; frozen at the last finite one
     best_w: PyTree  # lowest-residual iterate (None for lowest="last")
     best_res: jax.Array | None
     best_batch: jax.Array | None  # scalar, lowest batch-global residual (lowest="batch")
@@ -315,35 +359,55 @@ def _write(buf: jax.Array, idx: jax.Array, val: jax.Array) -> jax.Array:
     return lax.dynamic_update_index_in_dim(buf, val, j, 0)
 
 
-def _run(F, w0, *, method, max_steps, tol, record, stop, lowest, opts, unrolled):
-    """Iterate ``F`` from ``w0``; returns (w, steps, residual, traj_w, traj_res)."""
+def _run(F, w0, *, method, max_steps, tol, record, stop, lowest, opts, unrolled, init=None):
+    """Iterate ``F`` from ``w0`` (or from the :class:`SolverState` ``init``).
+
+    Returns (w, steps, residual, bad, traj_w, traj_res, state).
+    """
     init_m, step_m = _STEPS[method]
-    fw0 = F(w0)
+    if unrolled and opts.get("remat"):
+        # BPTT saves only F's input per step and recomputes F's intermediates (conv patches,
+        # pool masks, ...) in the backward pass; prevent_cse is unnecessary inside scan.
+        F = jax.checkpoint(F, prevent_cse=False)
+    if init is None:
+        i0 = jnp.zeros((), jnp.int32)
+        fw0 = F(w0)
+        mstate0 = init_m(w0, fw0, opts)
+    else:
+        i0, w0, fw0, mstate0 = init
     res0 = _rel_residual(fw0, w0)
     b = res0.shape[0]
     track = lowest != "last"
+    bad0 = ~jnp.isfinite(res0)
     carry = _Carry(
-        i=jnp.zeros((), jnp.int32),
+        i=i0,
         w=w0,
         fw=fw0,
         res=res0,
         steps=jnp.zeros((b,), jnp.int32),
-        done=res0 < tol,
+        done=(res0 < tol) | bad0,
+        bad=bad0,
         best_w=w0 if track else None,
-        best_res=res0 if track else None,
+        best_res=jnp.where(bad0, jnp.inf, res0) if track else None,
         best_batch=_batch_rel_residual(fw0, w0) if lowest == "batch" else None,
         traj_w=jax.tree.map(lambda x: jnp.zeros((record,) + x.shape, x.dtype), w0)
         if record
         else None,
         traj_res=jnp.zeros((record, b), res0.dtype) if record else None,
-        mstate=init_m(w0, fw0, opts),
+        mstate=mstate0,
     )
 
     def step(c: _Carry) -> _Carry:
-        active = ~c.done if stop == "converged" else jnp.ones_like(c.done)
+        active = ~c.done if stop == "converged" else ~c.bad
         w_new, fw_new, mstate = step_m(F, c.w, c.fw, c.mstate, c.i, active, opts)
         res_new = _rel_residual(fw_new, w_new)
-        w, fw, res = _select(active, (w_new, fw_new, res_new), (c.w, c.fw, c.res))
+        # A NaN/inf anywhere in w or f(w) makes the residual non-finite (also when a norm
+        # overflows): such an example keeps its last finite iterate and stops for good.
+        # (Its method buffers may hold the failed step; they are never used again.)
+        fail = active & ~jnp.isfinite(res_new)
+        accept = active & ~fail
+        w, fw, res = _select(accept, (w_new, fw_new, res_new), (c.w, c.fw, c.res))
+        bad = c.bad | fail
         best_w, best_res, best_batch = c.best_w, c.best_res, c.best_batch
         if lowest == "example":
             better = res < best_res
@@ -355,15 +419,16 @@ def _run(F, w0, *, method, max_steps, tol, record, stop, lowest, opts, unrolled)
             best_batch = jnp.minimum(r, best_batch)
         traj_w, traj_res = c.traj_w, c.traj_res
         if record:
-            traj_w = jax.tree.map(lambda buf, x: _write(buf, c.i, x), traj_w, w)
-            traj_res = _write(traj_res, c.i, res)
+            traj_w = jax.tree.map(lambda buf, x: _write(buf, c.i - i0, x), traj_w, w)
+            traj_res = _write(traj_res, c.i - i0, res)
         return _Carry(
             i=c.i + 1,
             w=w,
             fw=fw,
             res=res,
-            steps=c.steps + active.astype(jnp.int32),
-            done=res < tol,
+            steps=c.steps + accept.astype(jnp.int32),
+            done=(res < tol) | bad,
+            bad=bad,
             best_w=best_w,
             best_res=best_res,
             best_batch=best_batch,
@@ -373,7 +438,7 @@ def _run(F, w0, *, method, max_steps, tol, record, stop, lowest, opts, unrolled)
         )
 
     def keep_going(c: _Carry) -> jax.Array:
-        more = c.i < max_steps
+        more = c.i < i0 + max_steps
         if stop == "converged":
             more = more & ~jnp.all(c.done)
         return more
@@ -394,39 +459,37 @@ def _run(F, w0, *, method, max_steps, tol, record, stop, lowest, opts, unrolled)
     traj_w, traj_res = carry.traj_w, carry.traj_res
     if record:
         # Slots after the loop ended hold the (frozen) final iterate.
-        filled = jnp.arange(record) < carry.i
+        filled = jnp.arange(record) < carry.i - i0
         traj_w = jax.tree.map(
             lambda buf, x: jnp.where(_bmask(filled, buf), buf, x[None]), traj_w, carry.w
         )
         traj_res = jnp.where(filled[:, None], traj_res, carry.res[None])
-    return w, carry.steps, res, traj_w, traj_res
+    state = SolverState(carry.i, carry.w, carry.fw, carry.mstate)
+    return w, carry.steps, res, carry.bad, traj_w, traj_res, state
 
 
 def _solve_nodiff(
-    f, z0, args, *, method, max_steps, tol, damping, record, stop, lowest, opts, unrolled
+    f,
+    z0,
+    args,
+    *,
+    method,
+    max_steps,
+    tol,
+    damping,
+    record,
+    stop,
+    lowest,
+    opts,
+    unrolled,
+    init=None,
 ):
-    """Run the engine on pytree z0 (vectorising per example for Anderson/Broyden)."""
+    """Run the engine on pytree z0 (vectorising per example for Anderson/Broyden).
+
+    Returns (z, steps, residual, bad, trajectory z, trajectory residual, SolverState).
+    """
     opts = dict(opts, damping=damping)
-    if method == "picard":
-        F = lambda w: f(w, args)
-        w, steps, res, traj_w, traj_res = _run(
-            F,
-            z0,
-            method=method,
-            max_steps=max_steps,
-            tol=tol,
-            record=record,
-            stop=stop,
-            lowest=lowest,
-            opts=opts,
-            unrolled=unrolled,
-        )
-        return w, steps, res, traj_w, traj_res
-    flat = _Flat.of(z0)
-    F = lambda w: flat.flatten(f(flat.unflatten(w), args))
-    w, steps, res, traj_w, traj_res = _run(
-        F,
-        flat.flatten(z0),
+    kw = dict(
         method=method,
         max_steps=max_steps,
         tol=tol,
@@ -436,8 +499,41 @@ def _solve_nodiff(
         opts=opts,
         unrolled=unrolled,
     )
+    if method == "picard":
+        F = lambda w: f(w, args)
+        _check_init(init, z0, z0, (), method)
+        return _run(F, z0, init=init, **kw)
+    flat = _Flat.of(z0)
+    F = lambda w: flat.flatten(f(flat.unflatten(w), args))
+    w0 = flat.flatten(z0)
+    if init is not None:
+        _check_init(
+            init, w0, w0, jax.eval_shape(lambda w: _STEPS[method][0](w, w, opts), w0), method
+        )
+    w, steps, res, bad, traj_w, traj_res, state = _run(F, w0, init=init, **kw)
     traj = flat.unflatten(traj_w) if record else None
-    return flat.unflatten(w), steps, res, traj, traj_res
+    return flat.unflatten(w), steps, res, bad, traj, traj_res, state
+
+
+def _check_init(init, w0, fw0, buffers, method) -> None:
+    """Raise unless ``init`` (a SolverState or None) fits this solve's working state."""
+    if init is None:
+        return
+    if not isinstance(init, SolverState):
+        raise ValueError(
+            f"solve: init_state must be the SolverState of a previous solve (sol.state with "
+            f"return_state=True), got {type(init).__name__}."
+        )
+    want = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), (w0, fw0, buffers))
+    got = jax.tree.map(
+        lambda x: (jnp.shape(x), jnp.result_type(x)), (init.z, init.fz, init.buffers)
+    )
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ValueError(
+            f"solve: init_state does not fit this {method} solve (batch size, state shapes, "
+            "dtype or method memory differ); continue with the same z0 shapes, method and "
+            "memory as the solve that produced it."
+        )
 
 
 # ----------------------------------------------------------------------------- public API
@@ -488,6 +584,8 @@ def solve(
     grad: str = "implicit",
     stop: str = "converged",
     lowest: str | None = None,
+    init_state: SolverState | None = None,
+    return_state: bool = False,
     **method_options: Any,
 ) -> Solution:
     """Find ``z* = f(z*, args)`` per example, as one compiled loop.
@@ -514,8 +612,11 @@ def solve(
         damping: Picard damping in ``[0, 1)``; only for ``method="picard"``.
         record: keep the first ``record`` iterates in ``sol.trajectory`` (fixed-size buffer).
         grad: ``"implicit"`` (IFT via custom_vjp; options ``backward_method``, ``backward_tol``,
-            ``backward_max_steps``, ``backward_options`` default to the forward ones),
-            ``"unrolled"`` (BPTT through exactly the steps taken), ``"phantom"`` (``grad_steps=5``
+            ``backward_max_steps``, ``backward_options`` default to the forward ones; a backward
+            solve that misses its tol logs a warning with its residual and steps, or raises with
+            ``backward_throw=True``), ``"unrolled"`` (BPTT through exactly the steps taken;
+            ``remat=True`` recomputes each step's f-intermediates in the backward pass instead of
+            storing them, for long solves), ``"phantom"`` (``grad_steps=5``
             damped steps ``z <- (1-lam) z + lam f(z)`` from the detached ``z*`` with
             ``grad_damping=lam=0.5``; the forward value stays ``z*``) or ``"none"``.
         stop: ``"converged"`` (per-example stopping) or ``"never"`` (exactly ``max_steps`` steps
@@ -523,11 +624,19 @@ def solve(
         lowest: which iterate is returned: ``"last"`` (default for Picard), ``"example"`` (lowest
             residual per example; default for Anderson/Broyden) or ``"batch"`` (the iterate with the
             lowest batch-global residual, as in the DEQ reference code).
+        init_state: ``sol.state`` of a previous solve (same ``f`` structure, method, memory and
+            batch) to continue it for ``max_steps`` more steps: the iterates are those of one
+            longer solve (with ``memory >= total steps`` for Broyden, or the same restart points).
+            ``z0`` then only fixes the structure; the iterate comes from the state. ``sol.steps``
+            counts the steps of this call; Broyden's default memory is ``min(max_steps, 16)`` of
+            *this* call, so pass ``memory`` explicitly when continuing.
+        return_state: return ``sol.state`` (:class:`SolverState`, no gradient) to continue from.
         **method_options: the method and gradient options named above.
 
     Returns:
-        :class:`Solution`. ``steps``/``residual``/``converged`` carry no gradient; the trajectory
-        is differentiable only for ``grad="unrolled"``.
+        :class:`Solution`. ``steps``/``residual``/``converged``/``status`` carry no gradient; the
+        trajectory is differentiable only for ``grad="unrolled"``. An example whose iterate or
+        residual becomes NaN/inf stops at its last finite iterate with ``Status.NONFINITE``.
 
     Raises:
         ValueError: for unknown names or options, or a malformed ``z0``.
@@ -568,8 +677,13 @@ def solve(
         lowest=lowest,
         opts=mopts,
     )
+    if init_state is not None:
+        init_state = lax.stop_gradient(init_state)
     if grad == "unrolled":
-        z, steps, res, traj_z, traj_res = _solve_nodiff(f, z0, args, unrolled=True, **common)
+        common["opts"] = dict(mopts, remat=bool(gopts["remat"]))
+        z, steps, res, bad, traj_z, traj_res, state = _solve_nodiff(
+            f, z0, args, unrolled=True, init=init_state, **common
+        )
     else:
         # Values f closes over that are being differentiated become explicit arguments, so the
         # forward loop carries no derivatives and the implicit gradient reaches them too.
@@ -578,7 +692,9 @@ def solve(
             f = lambda z, a: f_closed(z, a[0], *a[1])
             args = (args, consts)
         z_sg, args_sg = lax.stop_gradient((z0, args))
-        z, steps, res, traj_z, traj_res = _solve_nodiff(f, z_sg, args_sg, unrolled=False, **common)
+        z, steps, res, bad, traj_z, traj_res, state = _solve_nodiff(
+            f, z_sg, args_sg, unrolled=False, init=init_state, **common
+        )
         z = lax.stop_gradient(z)
         traj_z = lax.stop_gradient(traj_z)
         if grad == "phantom":
@@ -589,15 +705,26 @@ def solve(
                 tol=gopts["backward_tol"] or tol,
                 max_steps=gopts["backward_max_steps"] or max_steps,
                 options=gopts["backward_options"] or {},
+                throw=bool(gopts["backward_throw"]),
             )
             if bwd["method"] not in _METHODS:
                 raise ValueError(f"solve: unknown backward_method {bwd['method']!r}.")
             bm, _ = _check_options(bwd["method"], "none", bwd["options"], bwd["max_steps"])
             bwd["options"] = bm
             z = _attach_implicit(f, z, args, bwd)
-    steps, res = lax.stop_gradient((steps, res))
+    steps, res, bad = lax.stop_gradient((steps, res, bad))
     traj = Trajectory(traj_z, lax.stop_gradient(traj_res)) if record else None
-    return Solution(z=z, steps=steps, residual=res, converged=res < tol, trajectory=traj)
+    conv = (res < tol) & ~bad
+    status = jnp.where(bad, Status.NONFINITE, jnp.where(conv, Status.SUCCESS, Status.MAX_STEPS))
+    return Solution(
+        z=z,
+        steps=steps,
+        residual=res,
+        converged=conv,
+        trajectory=traj,
+        status=status.astype(jnp.int8),
+        state=lax.stop_gradient(state) if return_state else None,
+    )
 
 
 def _phantom(f, z_star, args, k, lam):
@@ -626,7 +753,7 @@ def _attach_implicit(f, z_star, args, bwd):
         _, vjp_z = jax.vjp(lambda zz: f(zz, a), z)
         # u = g + (df/dz)^T u, a linear fixed point per example, solved by the same engine.
         h = lambda u, gg: jax.tree.map(jnp.add, gg, vjp_z(u)[0])
-        u, *_ = _solve_nodiff(
+        u, steps, res, bad, *_ = _solve_nodiff(
             h,
             g,
             g,
@@ -640,12 +767,43 @@ def _attach_implicit(f, z_star, args, bwd):
             opts=bwd["options"],
             unrolled=False,
         )
+        _report_backward(steps, res, bad, bwd)
         _, vjp_a = jax.vjp(lambda aa: f(z, aa), a)
         (ga,) = vjp_a(u)
         return jax.tree.map(jnp.zeros_like, z), ga
 
     attach.defvjp(fwd, backward)
     return attach(z_star, args)
+
+
+def _report_backward(steps: jax.Array, res: jax.Array, bad: jax.Array, bwd: dict) -> None:
+    """Warn (or raise, ``backward_throw``) from inside the compiled backward pass on failure.
+
+    ``jax.debug.callback`` works unchanged under jit, vmap (one call per mapped example) and
+    grad, and is never dead-code eliminated; ``checkify`` would instead make every caller
+    wrap its function and unpack an error value. A raise inside the callback reaches the caller
+    as a runtime error whose message contains the :class:`ConvergenceError` text.
+    """
+    failed = jnp.any((res >= bwd["tol"]) | bad)
+    summary = (failed, jnp.max(res), jnp.max(steps), jnp.sum(bad), res.size)
+
+    def callback(failed, worst, steps, nonfinite, n):
+        if not failed:
+            return
+        msg = (
+            f"implicit gradient: the backward linear solve ({bwd['method']}) did not reach tol "
+            f"{bwd['tol']:g}: worst relative residual {float(worst):.3e} after {int(steps)} of "
+            f"{bwd['max_steps']} steps ({int(nonfinite)} of {int(n)} examples non-finite); the "
+            "gradient is inexact. Raise backward_max_steps, use backward_method='broyden', or "
+            "check that f is contractive at z*."
+        )
+        if bwd["throw"]:
+            raise ConvergenceError(msg)
+        logging.warning(msg)
+
+    # The cond skips the host call when nothing failed (vmap turns it into a select, and the
+    # callback then checks the flag itself).
+    lax.cond(failed, lambda s: jax.debug.callback(callback, *s), lambda s: None, summary)
 
 
 def check_converged(sol: Solution, *, raise_error: bool = False) -> bool:
@@ -656,18 +814,20 @@ def check_converged(sol: Solution, *, raise_error: bool = False) -> bool:
         raise_error: raise :class:`ConvergenceError` instead of logging a warning.
 
     Returns:
-        True when every example converged.
+        True when every example converged. The message counts examples per :class:`Status`.
     """
-    conv = jax.device_get(sol.converged)
-    res = jax.device_get(sol.residual)
-    steps = jax.device_get(sol.steps)
+    conv, res, steps, status = jax.device_get((sol.converged, sol.residual, sol.steps, sol.status))
     if conv.all():
         return True
     frac = 1.0 - float(conv.mean())
+    counts = ""
+    if status is not None:
+        counts = " (" + ", ".join(f"{s.name}: {int((status == s).sum())}" for s in Status) + ")"
     msg = (
-        f"fixed-point solve: {frac:.1%} of {conv.size} examples unconverged; worst relative "
-        f"residual {float(res.max()):.3e} after up to {int(steps.max())} steps. Increase "
-        "max_steps, use method='anderson'/'broyden', or check that f is contractive."
+        f"fixed-point solve: {frac:.1%} of {conv.size} examples unconverged{counts}; worst "
+        f"relative residual {float(res.max()):.3e} after up to {int(steps.max())} steps. "
+        "Increase max_steps, use method='anderson'/'broyden', or check that f is contractive "
+        "(NONFINITE: f produced NaN/inf; check its inputs and scale)."
     )
     if raise_error:
         raise ConvergenceError(msg)

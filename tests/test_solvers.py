@@ -390,3 +390,141 @@ def test_invalid_inputs_raise():
         solvers.solve(f, {"a": z0, "b": jnp.zeros((3, 2))}, args)
     with pytest.raises(ValueError, match="floating"):
         solvers.solve(f, jnp.zeros((4, 8), jnp.int32), args)
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def _blowup_map(z, args):
+    """z <- s z + 1 (+ 0 * sqrt(c - z)): converges to 1 / (1 - s) for s < 1; for s = 1 there
+    is no fixed point and the iterates grow past c, where f(z) becomes NaN."""
+    s, c = args
+    return s[:, None] * z + 1.0 + 0.0 * jnp.sqrt(c[:, None] - z)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("stop", ["converged", "never"])
+def test_status_success_max_steps_and_nonfinite(method, stop):
+    # Converges; becomes NaN after z passes 3; no fixed point but finite for 60 steps.
+    s = (jnp.array([0.5, 1.0, 1.0]), jnp.array([3.0, 3.0, 1e9]))
+    z0 = jnp.zeros((3, 4))
+    sol = jax.jit(
+        lambda z0, s: solvers.solve(
+            _blowup_map, z0, s, method=method, max_steps=60, tol=1e-8, stop=stop, grad="none"
+        )
+    )(z0, s)
+    S = solvers.Status
+    assert sol.status.dtype == jnp.int8
+    np.testing.assert_array_equal(sol.status, [S.SUCCESS, S.NONFINITE, S.MAX_STEPS])
+    np.testing.assert_array_equal(sol.converged, [True, False, False])
+    # The failed example is frozen at its last finite iterate (<= 3, where f is still finite).
+    assert bool(jnp.all(jnp.isfinite(sol.z))) and bool(jnp.all(sol.z[1] <= 3.0))
+    assert bool(jnp.all(jnp.isfinite(sol.residual)))
+    assert int(sol.steps[1]) < 60
+    with pytest.raises(solvers.ConvergenceError, match="MAX_STEPS: 1, NONFINITE: 1"):
+        solvers.check_converged(sol, raise_error=True)
+
+
+def test_nonfinite_start_is_never_converged():
+    z0 = jnp.zeros((2, 3)).at[1, 0].set(jnp.nan)
+    args = (jnp.array([0.5, 0.5]), jnp.array([3.0, 3.0]))
+    sol = solvers.solve(_blowup_map, z0, args, tol=1e-6, grad="none")
+    np.testing.assert_array_equal(sol.status, [solvers.Status.SUCCESS, solvers.Status.NONFINITE])
+    assert int(sol.steps[1]) == 0 and not bool(sol.converged[1])
+
+
+# ----------------------------------------------------------------------------- backward report
+
+
+def _implicit_grad(top, **kw):
+    f, (a, w, x, s), _ = linear_problem(batch=2, dim=4, top=top)
+
+    def loss(x):
+        z = solvers.solve(f, jnp.zeros((2, 4)), (a, w, x, s), max_steps=30, grad="implicit", **kw)
+        return jnp.sum(z.z)
+
+    return jax.jit(jax.grad(loss)), x
+
+
+def test_backward_solve_reports_failure(caplog):
+    g, x = _implicit_grad(0.5)  # contractive: the backward solve converges silently
+    with caplog.at_level("WARNING"):
+        jax.block_until_ready(g(x))
+    assert "backward linear solve" not in caplog.text
+    # Eigenvalue 1.5: the backward fixed point u = g + A^T u diverges under Picard.
+    bad = dict(backward_max_steps=3, backward_method="picard")
+    g, x = _implicit_grad(1.5, **bad)
+    with caplog.at_level("WARNING"):
+        jax.block_until_ready(g(x))
+    assert "backward linear solve (picard) did not reach tol" in caplog.text
+    assert "after 3 of 3 steps" in caplog.text
+    g, x = _implicit_grad(1.5, backward_throw=True, **bad)
+    with pytest.raises(Exception, match="backward linear solve"):
+        jax.block_until_ready(g(x))
+    # Under vmap too (the cond becomes a select; the callback checks the flag itself).
+    f, (a, w, _, s), _ = linear_problem(batch=2, dim=4, top=1.5)
+
+    def one(xb):
+        z0 = jnp.zeros((1, 4))
+        sol = solvers.solve(
+            f, z0, (a, w, xb[None], s[:1]), max_steps=30, backward_throw=True, **bad
+        )
+        return jnp.sum(sol.z)
+
+    with pytest.raises(Exception, match="backward linear solve"):
+        jax.block_until_ready(jax.jit(jax.vmap(jax.grad(one)))(x))
+
+
+# ----------------------------------------------------------------------------- remat
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_remat_gives_the_same_unrolled_gradient(method):
+    f, z0, args = conv_problem()
+
+    def loss(args, remat):
+        sol = solvers.solve(
+            f, z0, args, method=method, max_steps=25, tol=1e-10, grad="unrolled", remat=remat
+        )
+        return sum(jnp.sum(jnp.sin(t)) for t in jax.tree.leaves(sol.z))
+
+    g0 = jax.jit(jax.grad(lambda a: loss(a, False)))(args)
+    g1 = jax.jit(jax.grad(lambda a: loss(a, True)))(args)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="unknown option"):
+        solvers.solve(f, z0, args, grad="implicit", remat=True)
+
+
+# ----------------------------------------------------------------------------- continuation
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_continued_solve_matches_one_long_solve(method):
+    f, args, zstar = linear_problem(batch=3, dim=6)
+    z0 = jnp.zeros_like(zstar)
+    kw = dict(method=method, tol=1e-30, stop="never", lowest="last", grad="none")
+    if method == "broyden":
+        kw["memory"] = 8  # >= the 8 total steps: no restart, as in the DEQ reference
+    full = solvers.solve(f, z0, args, max_steps=8, record=8, **kw)
+    run = jax.jit(
+        lambda st: solvers.solve(
+            f, z0, args, max_steps=2, record=2, init_state=st, return_state=True, **kw
+        )
+    )
+    first = solvers.solve(f, z0, args, max_steps=2, record=2, return_state=True, **kw)
+    assert first.state is not None and full.state is None
+    parts, st = [first.trajectory.z], first.state
+    for _ in range(3):
+        sol = run(st)
+        parts.append(sol.trajectory.z)
+        st = sol.state
+    assert int(st.step) == 8
+    np.testing.assert_allclose(jnp.concatenate(parts), full.trajectory.z, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(sol.z, full.z, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(sol.steps, [2, 2, 2])
+    if method != "picard":
+        with pytest.raises(ValueError, match="init_state does not fit"):
+            solvers.solve(f, z0, args, max_steps=2, init_state=st, **{**kw, "memory": 3})
+    with pytest.raises(ValueError, match="init_state must be"):
+        solvers.solve(f, z0, args, max_steps=2, init_state=(1, 2), **kw)

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from eqrobust import ops
+
 LogitsFn = Callable[[jax.Array], jax.Array]
 NORMS = ("linf", "l2")
 
@@ -59,21 +61,13 @@ def check_inputs(x: jax.Array, y: jax.Array, who: str) -> tuple[jax.Array, jax.A
         y: [B] int labels.
         who: the attack's name for error messages.
     """
-    x = jnp.asarray(x)
+    x = ops.check_images(x, who=who)
     y = jnp.asarray(y)
-    if x.ndim != 4:
-        raise ValueError(f"{who} expects images [B, H, W, C] (NHWC), got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{who} expects float images in [0, 1], got dtype {x.dtype}")
     if y.shape != (x.shape[0],) or not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(
             f"{who} expects int labels [B] = [{x.shape[0]}], "
             f"got shape {tuple(y.shape)} dtype {y.dtype}"
         )
-    if not isinstance(x, jax.core.Tracer):
-        lo, hi = float(jnp.min(x)), float(jnp.max(x))
-        if lo < -1e-6 or hi > 1 + 1e-6:
-            raise ValueError(f"{who} expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
     return x, y.astype(jnp.int32)
 
 

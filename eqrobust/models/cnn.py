@@ -9,34 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eqrobust import energy
+from eqrobust import ops
 from eqrobust.models.registry import register_model
 
 CONV_IMPLS = ("patches", "xla")
 
 
 def check_images(x: jax.Array, in_shape: Sequence[int], who: str) -> None:
-    """Raises ValueError unless x is a float [B, *in_shape] batch in [0, 1].
+    """Raises ValueError unless x is a float [B, *in_shape] batch in [0, 1] (`ops.check_images`).
 
-    The value range is checked only on concrete (non-traced) arrays.
+    The value range (and finiteness) is checked only on concrete (non-traced) arrays.
     """
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(in_shape):
-        raise ValueError(
-            f"{who} expects images [B, {', '.join(map(str, in_shape))}] (NHWC), "
-            f"got shape {tuple(x.shape)}"
-        )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(
-            f"{who} expects float images in [0, 1], got dtype {x.dtype}; "
-            "convert uint8 with eqrobust.data.to_float"
-        )
-    if not isinstance(x, jax.core.Tracer):
-        lo, hi = float(jnp.min(x)), float(jnp.max(x))
-        if lo < -1e-6 or hi > 1 + 1e-6:
-            raise ValueError(
-                f"{who} expects images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                "normalisation is part of the model, pass raw [0, 1] pixels"
-            )
+    ops.check_images(x, in_shape, who)
 
 
 def feature_size(
@@ -101,10 +85,10 @@ class BPCNN(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] float in [0, 1] -> logits [B, K]."""
         check_images(x, self.in_shape, "BPCNN")
-        h = (x - self.mean.value) / self.std.value
+        h = ops.normalize(x, self.mean.value, self.std.value)
         for conv, norm, p in zip(self.convs, self.norms, self.paddings):
             if self.conv_impl == "patches":
-                h = energy.conv(h, conv.kernel.get_value(), p, "patches") + conv.bias.get_value()
+                h = ops.conv(h, conv.kernel.get_value(), p, "patches") + conv.bias.get_value()
             else:
                 h = conv(h)
             h = max_pool_2x2(nnx.relu(norm(h)))
@@ -112,11 +96,7 @@ class BPCNN(nnx.Module):
 
 
 def max_pool_2x2(h: jax.Array) -> jax.Array:
-    """2x2 / stride-2 max pool (floor mode) as reshape + max.
-
-    Same values as `nnx.max_pool(h, (2, 2), strides=(2, 2))`; its gradient avoids XLA CPU's slow
-    select-and-scatter (about 25 % faster attack/training steps here). At exact ties the gradient
-    is shared between the tied inputs instead of going to the first one.
+    """2x2 / stride-2 max pool (floor mode): `ops.max_pool_2x2`, first-maximum gradient at ties.
 
     Args:
         h: [B, H, W, C].
@@ -124,9 +104,7 @@ def max_pool_2x2(h: jax.Array) -> jax.Array:
     Returns:
         [B, H // 2, W // 2, C].
     """
-    b, hh, ww, c = h.shape
-    h = h[:, : hh - hh % 2, : ww - ww % 2]
-    return h.reshape(b, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
+    return ops.max_pool_2x2(h)
 
 
 @register_model("bp_cnn")

@@ -1,0 +1,168 @@
+"""Tests for eqrobust.ops: conv formulations, the max-pool tie rule, input checks, chunked runs."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from eqrobust import ops
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_patches_conv_matches_xla_in_value_and_gradient(padding):
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)))
+        w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)))
+        a, b = ops.conv(x, w, padding, "patches"), ops.conv(x, w, padding, "xla")
+        assert a.dtype == jnp.float64 and a.shape == b.shape == (
+            2,
+            5 + 2 * padding,
+            4 + 2 * padding,
+            4,
+        )
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        check_grads(lambda x: ops.conv(x, w, padding, "patches"), (x,), order=1, modes=["rev"])
+        check_grads(lambda w: ops.conv(x, w, padding, "patches"), (w,), order=1, modes=["rev"])
+        ga = jax.grad(lambda x: jnp.sum(jnp.sin(ops.conv(x, w, padding, "patches"))))(x)
+        gb = jax.grad(lambda x: jnp.sum(jnp.sin(ops.conv(x, w, padding, "xla"))))(x)
+        np.testing.assert_allclose(ga, gb, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="conv impl"):
+        ops.conv(x, w, 1, "fft")
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 6, 3), (1, 5, 9, 2), (3, 2, 3, 1)])
+@pytest.mark.parametrize("impl", ops.POOL_IMPLS)
+def test_pool_values_match_flax_on_odd_sizes(shape, impl):
+    h = jax.random.normal(jax.random.key(2), shape)
+    ref = nnx.max_pool(h, (2, 2), strides=(2, 2))
+    out = ops.max_pool_2x2(h, impl)
+    assert out.shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match="max pool impl"):
+        ops.max_pool_2x2(h, "avg")
+
+
+@pytest.mark.parametrize("impl", ops.POOL_IMPLS)
+def test_pool_gradient_goes_to_first_maximum_in_row_major_order(impl):
+    # Windows: all tied; tie between bottom entries; tie top-right/bottom-right; a unique max.
+    u = np.zeros((1, 2, 8, 1), np.float32)
+    u[0, :, 0:2, 0] = [[1, 1], [1, 1]]
+    u[0, :, 2:4, 0] = [[0, 0], [2, 2]]
+    u[0, :, 4:6, 0] = [[0, 3], [0, 3]]
+    u[0, :, 6:8, 0] = [[0, 0], [0, 5]]
+    g = jax.grad(lambda u: jnp.sum(ops.max_pool_2x2(u, impl) * jnp.arange(1.0, 5.0)[:, None]))(
+        jnp.asarray(u)
+    )
+    want = np.zeros_like(u)
+    want[0, 0, 0, 0] = 1  # top-left of four ties
+    want[0, 1, 2, 0] = 2  # bottom-left before bottom-right
+    want[0, 0, 5, 0] = 3  # top-right before bottom-right
+    want[0, 1, 7, 0] = 4
+    np.testing.assert_array_equal(g, want)
+    # Odd trailing rows/cols get zero gradient.
+    g = jax.grad(lambda u: jnp.sum(ops.max_pool_2x2(u, impl)))(jnp.ones((1, 3, 3, 1)))
+    np.testing.assert_array_equal(g[0, :, :, 0], [[1, 0, 0], [0, 0, 0], [0, 0, 0]])
+
+
+def test_pool_impls_agree_under_jit_vmap_and_second_order():
+    rng = np.random.default_rng(1)
+    u = jnp.asarray(np.round(rng.standard_normal((3, 2, 6, 4, 2))), jnp.float32)  # many ties
+    outs = [
+        jax.jit(jax.vmap(jax.grad(lambda u, i=i: jnp.sum(ops.max_pool_2x2(u, i) ** 2))))(u)
+        for i in ops.POOL_IMPLS
+    ]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_normalize():
+    x = jnp.full((1, 2, 2, 3), 0.5, jnp.float32)
+    out = ops.normalize(x, (0.5, 0.25, 0.0), (1.0, 0.5, 2.0))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out[0, 0, 0], [0.0, 0.5, 0.25])
+
+
+def test_check_images_errors():
+    x = jnp.full((2, 4, 4, 1), 0.5)
+    assert ops.check_images(x, (4, 4, 1), who="m") is not None
+    ops.check_images(np.zeros((2, 4, 4, 3), np.float32))  # no shape constraint
+    with pytest.raises(ValueError, match=r"Expected images \[B, 4, 4, 1\] .* for m; got shape"):
+        ops.check_images(jnp.zeros((2, 4, 4, 3)), (4, 4, 1), who="m")
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\].*NHWC"):
+        ops.check_images(jnp.zeros((4, 4, 1)), who="m")
+    with pytest.raises(ValueError, match="float images.*uint8.*to_float"):
+        ops.check_images(jnp.zeros((2, 4, 4, 1), jnp.uint8), who="m")
+    with pytest.raises(ValueError, match=r"\[0, 1\], got values in \[255, 255\]"):
+        ops.check_images(x * 510.0, who="m")
+    with pytest.raises(ValueError, match=r"\[0, 1\], got values in \[-0\.5"):
+        ops.check_images(x - 1.0, who="m")
+    for bad in (jnp.nan, jnp.inf):
+        with pytest.raises(ValueError, match="m got 1 NaN/inf"):
+            ops.check_images(x.at[1, 2, 3, 0].set(bad), who="m")
+    # Traced values are not checked (no concretisation error); shapes and dtypes still are.
+    jax.jit(lambda x: ops.check_images(x, (4, 4, 1)))(x + 7.0)
+    with pytest.raises(ValueError, match="Expected images"):
+        jax.jit(lambda x: ops.check_images(x, (4, 4, 2)))(x)
+
+
+class _Out(NamedTuple):
+    double: jax.Array
+    total: jax.Array
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(1, 13),
+    batch=st.integers(1, 16),
+    keyed=st.booleans(),
+)
+def test_run_chunked_pads_drops_and_folds_keys(n, batch, keyed):
+    x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+    y = np.arange(n, dtype=np.int32)
+    shapes = set()
+    key = jax.random.key(3) if keyed else None
+
+    def fn(xb, yb, *k):
+        shapes.add(xb.shape)
+        if keyed:  # a per-chunk random number: equal to fold_in(key, chunk index)
+            r = jax.random.uniform(k[0], ())
+            return _Out(2 * xb, yb + 0 * r), jnp.full(yb.shape, r)
+        return _Out(2 * xb, yb + xb[:, 0].astype(jnp.int32))
+
+    out = ops.run_chunked(fn, x, y, batch_size=batch, key=key)
+    bs = min(batch, n)
+    assert shapes == {(bs, 2)}  # one shape for every chunk: one compilation
+    res = out[0] if keyed else out
+    assert isinstance(res, _Out) and isinstance(res.double, np.ndarray)
+    np.testing.assert_array_equal(res.double, 2 * x)
+    if keyed:
+        np.testing.assert_array_equal(res.total, y)
+        want = [float(jax.random.uniform(jax.random.fold_in(key, i // bs), ())) for i in range(n)]
+        np.testing.assert_allclose(out[1], want)
+    else:
+        np.testing.assert_array_equal(res.total, y + x[:, 0].astype(np.int32))
+
+
+def test_run_chunked_plain_array_and_errors():
+    out = ops.run_chunked(lambda a: a.sum(axis=1), jnp.ones((5, 3)), batch_size=2)
+    np.testing.assert_array_equal(out, np.full(5, 3.0))
+    with pytest.raises(ValueError, match="batch_size"):
+        ops.run_chunked(lambda a: a, np.ones(3), batch_size=0)
+    with pytest.raises(ValueError, match="same length"):
+        ops.run_chunked(lambda a, b: a, np.ones(3), np.ones(4), batch_size=2)
+    with pytest.raises(ValueError, match="N > 0"):
+        ops.run_chunked(lambda a: a, np.ones((0, 2)), batch_size=2)
+
+
+def test_check_images_on_a_constant_inside_jit():
+    x = jnp.full((1, 2, 2, 1), 0.5)
+    jax.jit(lambda s: ops.check_images(x, (2, 2, 1)) * s)(1.0)
+    bad = x * jnp.nan
+    with pytest.raises(ValueError, match="NaN/inf"):
+        jax.jit(lambda s: ops.check_images(bad, (2, 2, 1)) * s)(1.0)
