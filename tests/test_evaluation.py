@@ -85,7 +85,7 @@ def test_linear_model_analytic_accuracy_and_healthy():
     assert np.all(sq >= np.asarray(want_linf) - 1e-9)
     checks = {(c.id, c.attack, c.value): c for c in res.health}
     assert all(c.passed for c in res.health), [c.message for c in res.health]
-    assert {c.id for c in res.health} == {"a", "b", "c", "d"}
+    assert {c.id for c in res.health} == {"a", "b", "c", "d", "e", "f"}
     assert checks[("a", "pgd_l2", None)].message.startswith("PGD-L2 at eps=10")
     assert res.mean_robustness == pytest.approx(np.mean(want_l2 + want_linf + list(sq)))
     g = res.gallery
@@ -120,7 +120,7 @@ def test_quantised_model_flags_gradient_masking():
     b = [c for c in res.health if c.id == "b"]
     assert len(b) == 1 and not b[0].passed
     assert "possible gradient masking" in b[0].message
-    assert res.cell_flags("pgd_linf", 0.4) == ["a", "b"]
+    assert res.cell_flags("pgd_linf", 0.4) == ["a", "b", "d"]  # (d): zero gradients, measured
     assert res.cell_flags("square_linf", 0.4) == []
 
 
@@ -136,24 +136,28 @@ def test_shallow_gradient_flags_d():
     c = _config(("pgd_l2",))
     c.pgd_l2.grid, c.pgd_l2.large, c.gallery.num_images = (0.31,), None, 0
     res = evaluation.evaluate_classifier(clf, x, y, c)
-    d = [c for c in res.health if c.id == "d"]
+    # The gradient itself is honest (measured (d) passes); the declaration is not ((e) fails).
+    assert [c.passed for c in res.health if c.id == "d"] == [True]
+    d = [c for c in res.health if c.id == "e"]
     assert len(d) == 1 and not d[0].passed and "MISMATCH" in d[0].message
     assert "gradient depth 3, prediction depth 10" in d[0].message
     assert res.gradient == GradientInfo(
         mode="unrolled(3)", gradient_depth=3, prediction_depth=10, matches_prediction=False
     )
-    assert "d" in res.cell_flags("pgd_l2", 0.31)
-    # Same classifier with matching depths passes (d).
+    assert "e" in res.cell_flags("pgd_l2", 0.31)
+    # Same classifier with matching depths passes (e).
     ok = dataclasses.replace(clf, gradient=GradientPath("unrolled", 10))
-    assert evaluation.health_checks(
-        dataclasses.replace(res, gradient=evaluation.gradient_info(ok)), evaluation.default_config()
-    )[-1].passed
-    # A declared randomised forward fails (d): its white-box numbers would need EOT.
-    noisy = evaluation.gradient_info(dataclasses.replace(ok, randomized=True))
-    d = evaluation.health_checks(
-        dataclasses.replace(res, gradient=noisy), evaluation.default_config()
-    )
-    assert not d[-1].passed and "RANDOMISED" in d[-1].message
+
+    def check_e(info):
+        checks = evaluation.health_checks(
+            dataclasses.replace(res, gradient=info), evaluation.default_config()
+        )
+        return next(c for c in checks if c.id == "e")
+
+    assert check_e(evaluation.gradient_info(ok)).passed
+    # A declared randomised forward fails (e): its white-box numbers would need EOT.
+    e = check_e(evaluation.gradient_info(dataclasses.replace(ok, randomized=True)))
+    assert not e.passed and "RANDOMISED" in e.message
 
 
 def test_ep_analyses_judge_with_prediction():

@@ -185,7 +185,7 @@ def test_results_json_schema(tmp_path):
     assert js["models"][0]["gallery"]["file"] == "gallery_ep_cnn_seed0.png"
     assert js["models"][0]["gallery"]["clean"] is None  # arrays are not in the JSON
     ids = {c["id"] for c in js["models"][1]["health"]}
-    assert ids == {"a", "b", "d"}
+    assert ids == {"a", "b", "e"}
 
     broken = copy.deepcopy(js)
     del broken["models"][0]["clean"]
@@ -196,8 +196,8 @@ def test_results_json_schema(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         StudyResults.from_json(broken)
     broken = copy.deepcopy(js)
-    broken["models"][1]["health"] = [c for c in broken["models"][1]["health"] if c["id"] != "d"]
-    with pytest.raises(ValueError, match=r"\(d\) missing"):
+    broken["models"][1]["health"] = [c for c in broken["models"][1]["health"] if c["id"] != "e"]
+    with pytest.raises(ValueError, match=r"\(e\) missing"):
         StudyResults.from_json(broken)
     broken = copy.deepcopy(js)
     broken["models"][0]["attacks"]["cw_l2"]["values"].pop()

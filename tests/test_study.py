@@ -93,7 +93,7 @@ def test_smoke_study_end_to_end(tmp_path):
     for m in res.models:
         assert m.clean.n == 32 and m.num_test == 256
         assert set(m.attacks) >= {"pgd_l2", "pgd_linf", "square_linf"}
-        assert {c.id for c in m.health} == {"a", "b", "c", "d"}
+        assert {c.id for c in m.health} == {"a", "b", "c", "d", "e", "f"}
         assert m.corruptions.severities == (1, 5)
         assert os.path.exists(os.path.join(workdir, m.gallery.file))
     bp = res.models[1]
@@ -166,7 +166,9 @@ def _same_numbers_as_before_the_refactor(js):
         assert [c["value"] for c in new["convergence_runs"]] == [
             c["value"] for c in ref["convergence_runs"]
         ]
-        assert sorted(c["id"] for c in new["health"]) == sorted(c["id"] for c in ref["health"])
+        # Schema 1's (d) was the metadata check, now (e); (d) and (f) are new measurements.
+        old_ids = sorted("e" if c["id"] == "d" else c["id"] for c in ref["health"])
+        assert sorted(c["id"] for c in new["health"] if c["id"] not in "df") == old_ids
         if ref["ep"]:
             got, want = new["dynamics"]["trajectory"], ref["ep"]["free_phase"]
             assert got["steps"] == want["steps"]
