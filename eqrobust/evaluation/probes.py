@@ -38,9 +38,11 @@ def gradient_probe(
     """Compares autodiff directional derivatives of the margin with central finite differences
     of the prediction itself.
 
-    The points are moved into the interior of [0, 1] with uniform noise of size `interior` (exact
-    ties, e.g. zero backgrounds through a hard sigmoid, make the prediction non-smooth there, as
-    an attack's random start would). For each image and random unit direction d (L2),
+    The points are moved into the interior of [0, 1] and jittered (`interior`): at exact ties,
+    e.g. a constant background giving equal conv outputs in a max-pool window, the prediction has
+    a kink (an EP-CNN's, whose dynamics route feedback to the pool's argmax, even a jump) right at
+    the point, where no gradient can match both one-sided slopes; an attack's random start moves
+    off them the same way. For each image and random unit direction d (L2),
     autodiff gives g.d = <grad margin(x), d>; the prediction gives
     fd = (margin(x + h d) - margin(x - h d)) / (2 h). An honest gradient gives g.d ~= fd; a
     zero, surrogate or shallower gradient does not.
@@ -69,8 +71,10 @@ def gradient_probe(
         x = jnp.asarray(x, jnp.float64)
         y = jnp.asarray(y, jnp.int32)
         k_noise, k_dir = jax.random.split(key)
-        noise = jax.random.uniform(k_noise, x.shape, x.dtype, -interior, interior)
-        x0 = jnp.clip(x + noise, interior, 1.0 - interior)
+        # Shrink into [interior, 1 - interior], then jitter by +-interior/2: no pixel is clipped,
+        # so no constant regions (whose exact ties put a max pool's kink right at x0) remain.
+        noise = jax.random.uniform(k_noise, x.shape, x.dtype, -interior / 2, interior / 2)
+        x0 = interior + (1.0 - 2.0 * interior) * x + noise
         margin = jax.jit(lambda xx: _margin(fn, xx, y))
         dtype = str(margin(x0).dtype)
         grad = jax.grad(lambda xx: jnp.sum(_margin(fn, xx, y)))(x0)
