@@ -13,7 +13,8 @@ Variants:
     full_state  (default) Distilled BP-CNN: the EP-CNN's layout ("ep_student"), loss eq. 8 =
                 sum_l MSE(s*_l, s~_l) + CE(softmax(teacher logits), student), layer-wise lrs.
     last_layer  Distilled BP-CNN(ll): same model, loss eq. 9 (the CE term only).
-    resnet18    ResNet-18 student (config resnet18.py's model at this scale), loss eq. 9.
+    resnet18    ResNet-18 student (resnet18.py's model, optimizer, epochs and batch size at this
+                scale), loss eq. 9.
 Scales (the teacher is eqrobust/configs/ep_cnn.py at the same scale, in config.teacher):
     smoke  synthetic data, the smoke EP-CNN; seconds (tests; set teacher_workdir).
     cpu    Fashion-MNIST, teacher ep_cnn:cpu (runs/ep_cnn), batch 64, 3 epochs, layer lrs
@@ -100,6 +101,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         r = resnet18.get_config(scale)
         c.model = r.model
         c.optimizer = ml_collections.ConfigDict(r.optimizer.to_dict())
+        c.num_epochs, c.batch_size = r.num_epochs, r.batch_size  # the ResNet-18 recipe
         c.optimizer.cosine_epochs = c.num_epochs
         c.optimizer.lrs = ()
     return c

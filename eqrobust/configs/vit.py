@@ -8,7 +8,7 @@ Scales:
     smoke  synthetic 28x28 data, depth 2, hidden 24; seconds (tests).
     cpu    Fashion-MNIST, depth 7, 12 heads, patch 4, hidden 96, MLP 96 (narrower than the paper's
            384 to fit 2 CPU cores), Adam 1e-3 wd 5e-5, warmup 1 epoch then cosine, label
-           smoothing 0.1, AutoAugment (grayscale: see eqrobust/autoaugment.py), 3 epochs.
+           smoothing 0.1, AutoAugment (grayscale: see eqrobust/autoaugment.py), 2 epochs.
     paper  CIFAR-10, the small-ViT CIFAR recipe (REFERENCE_NOTES 3c): depth 7, 12 heads, patch 4,
            hidden 384, MLP 384 (6.3M parameters), dropout 0, Adam lr 1e-3 (0.9, 0.999), weight
            decay 5e-5, 5 warmup epochs then cosine to 1e-5, label smoothing 0.1, AutoAugment +
@@ -45,7 +45,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.autoaugment = True
     c.augment = ml_collections.ConfigDict(dict(crop_padding=0, pad_mode="edge", flip=False))
     c.batch_size = 128
-    c.num_epochs = 3
+    c.num_epochs = 2
     c.num_steps = 0
     c.eval_every_epochs = 1
     c.eval_batch_size = 500

@@ -228,7 +228,6 @@ def train(
             f"student dataset {config.dataset!r} differs from the teacher's "
             f"{config.teacher.dataset!r}"
         )
-    teacher = load_teacher(config)
     ds = load_data(config)
     model = build_model(config, ds)
     d = config.distill
@@ -237,6 +236,7 @@ def train(
             "loss 'full_state' needs a model with states (e.g. 'ep_student'), "
             f"got {config.model.name!r}"
         )
+    teacher = load_teacher(config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     spe = len(ds.x_train) // int(config.batch_size)
     if config.optimizer.get("lrs", None):
