@@ -65,7 +65,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
             kernel_size=tm.kernel_size,
             fc=tm.fc,
             activation=tm.activation,
-            conv=tm.conv,
+            # XLA's conv: the same function as the teacher's "patches" formulation (which wins
+            # only inside while loops); 3-4x the feedforward throughput on CPU.
+            conv="xla",
             pool=tm.pool,
             mean=tm.mean,  # None: training-set statistics, as the teacher
             std=tm.std,
