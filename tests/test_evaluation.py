@@ -224,3 +224,16 @@ def test_subsets_are_recorded_and_inputs_checked():
         evaluation.evaluate_classifier(clf, x * 3, y, c)
     with pytest.raises(ValueError, match="num_examples"):
         evaluation.evaluate_classifier(clf, x, y, _config(("pgd_l2",), num_examples=0))
+
+
+def test_convergence_check_compares_counts_not_floats():
+    from eqrobust.evaluation import health
+    from eqrobust.results import ConvergenceRun
+
+    def run(a, b):
+        r = ConvergenceRun("pgd_l2", 0.31, 20, 1, 100, 5, a, b, n=100)
+        return health.check_convergence(r, "PGD-L2", tolerance=0.01).passed
+
+    assert 0.51 - 0.50 > 0.01  # the float comparison this replaces failed here
+    assert run(0.50, 0.51) and run(0.51, 0.50)
+    assert not run(0.50, 0.52) and not run(0.52, 0.50)

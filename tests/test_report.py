@@ -260,3 +260,16 @@ def test_reduced_autoattack_budget_is_stated(tmp_path):
     md = open(report.write_report(_results(edit=settings(3)), str(tmp_path / "red"))["report"])
     md = md.read()
     assert marker in md and "targets=3" in md
+
+
+def test_wilson_interval_in_attack_tables(tmp_path):
+    from eqrobust.report.text import wilson
+
+    lo, hi = wilson(0.5, 100)  # textbook value: [0.404, 0.596]
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(0.0, 20)[0] == 0.0 and wilson(1.0, 20)[1] == 1.0
+    res = _results()
+    md = open(report.write_report(res, str(tmp_path))["report"]).read()
+    acc = res.models[0].attacks["pgd_l2"].accuracy[0]
+    lo, hi = wilson(acc, 500)
+    assert f"{acc:.3f} [{lo:.2f}, {hi:.2f}]" in md

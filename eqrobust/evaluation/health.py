@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 import numpy as np
@@ -58,8 +59,9 @@ def check_masking(cmp: MaskingComparison, label: str, tolerance: float) -> Healt
 
 def check_convergence(run: ConvergenceRun, label: str, tolerance: float) -> HealthCheck:
     """(c): more iterations and restarts must not change the robust accuracy."""
-    diff = run.strong_accuracy - run.accuracy
-    ok = abs(diff) <= tolerance
+    # Counts, not floats: a change of exactly the tolerance must not fail by rounding.
+    diff = round(run.strong_accuracy * run.n) - round(run.accuracy * run.n)
+    ok = abs(diff) <= math.floor(tolerance * run.n + 1e-9)
     if ok:
         verdict = "converged"
     elif diff < 0:

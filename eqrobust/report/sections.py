@@ -9,6 +9,7 @@ import numpy as np
 from eqrobust.report.text import (
     flag_str,
     fmt,
+    fmt_acc,
     md_table,
     subset_note,
     subset_notes,
@@ -119,9 +120,11 @@ def _attack_table(a: str, runs_by: dict[str, list[ModelResult]], total: int) -> 
         head.append(f"(a) {value_label(res0.param, res0.large.value)}")
     rows = []
     for n, runs in runs_by.items():
-        row = [n, fmt([m.clean.accuracy for m in runs])]
+        row = [n, fmt_acc([m.clean.accuracy for m in runs], runs[0].clean.n)]
+        size = runs[0].attacks[a].n
         for j, v in enumerate(res0.values):
-            row.append(fmt([m.attacks[a].accuracy[j] for m in runs]) + flag_str(runs, a, v))
+            cell = fmt_acc([m.attacks[a].accuracy[j] for m in runs], size)
+            row.append(cell + flag_str(runs, a, v))
         if res0.large is not None:
             failed_a = "a" in {f for m in runs for f in m.cell_flags(a, None)}
             row.append(
@@ -145,7 +148,8 @@ def _attack_table(a: str, runs_by: dict[str, list[ModelResult]], total: int) -> 
         "",
         md_table(head, rows),
         "",
-        f"Examples: {subset_notes(ns, total)}.",
+        f"Examples: {subset_notes(ns, total)}. Brackets: 95 % Wilson interval of the accuracy on "
+        "those examples (with several seeds: mean ± Student-t interval over seeds).",
         "",
     ]
 

@@ -30,6 +30,25 @@ def fmt(values: Sequence[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if half is None else f"±{half:.{digits}f}")
 
 
+def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion `accuracy` observed on `n` examples."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def fmt_acc(values: Sequence[float], n: int) -> str:
+    """An accuracy on n examples: one seed with its 95 % Wilson interval, several with the
+    Student-t interval over seeds (`fmt`)."""
+    vals = [v for v in values if v is not None]
+    if len(vals) != 1:
+        return fmt(vals)
+    lo, hi = wilson(vals[0], n)
+    return f"{vals[0]:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
 def flag_str(runs: Sequence[ModelResult], attack: str, value: float | None) -> str:
     """' ⚠a,c' for the failed health checks that apply to one cell, else ''."""
     flags = sorted({f for m in runs for f in m.cell_flags(attack, value)})
