@@ -173,8 +173,8 @@ def test_report_files_and_sections(tmp_path):
     # The masked BP-CNN (PGD-Linf == clean, above Square) fails (b), shown beside its cells.
     assert "possible gradient masking" in md
     assert "⚠b" in md and "**FAIL**" in md
-    # The EP unrolled rows shallower than T are flagged (d) in the attack-depth table.
-    assert md.count("NO ⚠d") == 2
+    # The EP unrolled rows shallower than T are flagged (e) in the attack-depth table.
+    assert md.count("NO ⚠e") == 2
 
 
 def test_results_json_schema(tmp_path):

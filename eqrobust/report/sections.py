@@ -233,7 +233,7 @@ def _attack_depth_lines(n: str, runs: list[ModelResult], files: Files, total: in
     ]
     if "attack_depth" in files:
         out += [f"![robust accuracy vs attack depth]({files['attack_depth']})", ""]
-    head = ["gradient", "depth", "(d) matches prediction"] + [
+    head = ["gradient", "depth", "(e) declared = prediction path"] + [
         value_label(param, v) for v in ad.values
     ]
     rows = []
@@ -242,15 +242,17 @@ def _attack_depth_lines(n: str, runs: list[ModelResult], files: Files, total: in
             fmt([m.dynamics.attack_depth.variants[i].accuracy[j] for m in runs])
             for j in range(len(ad.values))
         ]
-        ok = "yes" if row.matches_prediction else "NO ⚠d"
+        ok = "yes" if row.matches_prediction else "NO ⚠e"
         depth = "–" if row.gradient_depth is None else str(row.gradient_depth)
         rows.append([row.mode, depth, ok, *accs])
     return out + [
         md_table(head, rows),
         "",
         "Rows with a gradient shallower than the prediction reproduce the published "
-        "protocol (gradient/prediction mismatch, flagged (d)); the implicit row is the "
-        "exact gradient of the fixed point the prediction reads.",
+        "protocol (gradient/prediction mismatch, flagged (e)); the implicit row is the "
+        "gradient of the fixed point the prediction approximates, exact only when the free "
+        "phase has converged (`benchmarks/probe_calibration.py` measures each path against "
+        "finite differences of the prediction).",
         f"Examples: {subset_note(ad.n, total)}.",
         "",
     ]
