@@ -25,6 +25,7 @@ TRAINERS = {
     "supervised": "eqrobust.train.supervised:train",
     "adversarial": "eqrobust.train.adversarial:train",
     "ep": "eqrobust.train.ep:train",
+    "deq": "eqrobust.train.deq:train",
 }
 
 
