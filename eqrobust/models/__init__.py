@@ -70,5 +70,4 @@ def logits_fn(model: nnx.Module) -> jax.tree_util.Partial:
 
 
 # Registering modules last: they import the registry above.
-from eqrobust.models import cnn  # noqa: E402, F401
-from eqrobust.models import deq  # noqa: E402, F401
+from eqrobust.models import cnn, deq  # noqa: E402, F401

@@ -247,7 +247,7 @@ class Cell(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """ResNet bottleneck (expansion 4) with BatchNorm: the MDEQ classification head's incre block."""
+    """ResNet bottleneck (expansion 4, BatchNorm): the incre block of the MDEQ head."""
 
     def __init__(self, c_in, c, rngs):
         bn = functools.partial(nnx.BatchNorm, momentum=0.9, epsilon=1e-5, rngs=rngs)
