@@ -14,8 +14,10 @@ with --config.field=value.
 
 Scales:
     smoke     synthetic 28x28 data, 2 tiny branches; seconds (tests).
-    cpu       Fashion-MNIST, 2 branches (16/32 channels at 14x14/7x7, expansion 2), 8 Broyden
-              steps + f + 5 damped steps; Adam 1e-3 cosine; minutes on 2 cores (see BUILD_NOTES).
+    cpu       Fashion-MNIST (20000-image subset: 16000 train + 4000 validation), 2 branches (8/16
+              channels at 14x14/7x7, expansion 2), 8 Broyden steps + f + 5 damped steps; Adam 1e-3
+              cosine, 2 epochs, 100 pretraining steps; PGD-AT/TRADES with 3 steps of 0.04 in the
+              0.1 Linf ball; minutes on 2 cores (times in BUILD_NOTES).
     paper     CIFAR-10, DEQ-Large(reg) of locuslab/deq `cls_mdeq_LARGE_reg` as used by both DEQ
               robustness papers: 4 branches 32/64/128/256, expansion 5, GN(8), weight norm,
               variational dropout 0.22, head 14/28/56/112, final 1680; 220 epochs batch 96,
@@ -46,20 +48,20 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.dataset = "fashion_mnist"
     c.data_dir = None
     c.dataset_options = ml_collections.ConfigDict()
-    c.num_train = ml_collections.config_dict.placeholder(int)
     c.num_test = ml_collections.config_dict.placeholder(int)
-    c.num_val = 5000  # held out from the training set for model selection
+    c.num_train = 20000  # cpu: a 20000-image subset of the training set (None: all)
+    c.num_val = 4000  # held out from the (subset of the) training set for model selection
     c.model = ml_collections.ConfigDict(
         dict(
             name="deq",
-            channels=(16, 32),
+            channels=(8, 16),
             expansion=2,
             num_groups=8,
             post_gn_affine=False,
             weight_norm=True,
             dropout=0.0,
-            head_channels=(8, 16),
-            final_channels=128,
+            head_channels=(4, 8),
+            final_channels=64,
             stem_strides=(2,),
             conv="xla",
             # solver (torchdeq names)
@@ -79,18 +81,18 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.objective = "clean"
     c.random_intermediate = False
     c.trades_beta = 6.0  # 1 / lambda
-    c.adv = ml_collections.ConfigDict(dict(eps=0.1, steps=5, step_size=0.03))
+    c.adv = ml_collections.ConfigDict(dict(eps=0.1, steps=3, step_size=0.04))
     c.jac = ml_collections.ConfigDict(
-        dict(weight=0.4, freq=0.02, probes=1, stop_epoch=3, rand_f_thres_delta=2)
+        dict(weight=0.4, freq=0.02, probes=1, stop_epoch=1, rand_f_thres_delta=2)
     )
     c.val = ml_collections.ConfigDict(
         dict(eps=0.1, step_size=0.025, pgd_steps=10, pgd_examples=500)
     )
     c.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, lr_min=1e-6, weight_decay=0.0))
     c.augment = ml_collections.ConfigDict(dict(crop_padding=0, pad_mode="constant", flip=False))
-    c.pretrain_steps = 150
+    c.pretrain_steps = 100
     c.batch_size = 96
-    c.num_epochs = 3
+    c.num_epochs = 2
     c.num_steps = 0  # > 0 overrides num_epochs
     c.eval_batch_size = 500
     c.log_every_steps = 50
@@ -102,6 +104,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         c.dataset_options = ml_collections.ConfigDict(
             dict(num_train=512, num_test=128, shape=(28, 28, 1), num_classes=10, seed=0)
         )
+        c.num_train = None
         c.num_val = 64
         c.model.update(
             dict(
@@ -118,6 +121,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         c.eval_batch_size = 64
     elif scale in ("paper", "paper_xl"):
         c.dataset = "cifar10"
+        c.num_train = None
         c.num_val = 5000
         c.model.update(
             dict(

@@ -467,7 +467,9 @@ class DEQNet(nnx.Module):
         traj, unrolled = None, None
 
         if pretrain:
-            zl, _ = lax.scan(lambda z, _: (f(z, args), None), z0, None, length=sp.num_layers)
+            zl, _ = lax.scan(
+                lambda z, _: (f(z, args), None), z0, None, length=sp.num_layers, unroll=True
+            )
             res = _rel_residual(f(zl, args), zl) if final_residual else jnp.zeros((b,))
             return DEQOutput(
                 self.readout(zl),
@@ -538,7 +540,7 @@ class DEQNet(nnx.Module):
                 zn = jax.tree.map(lambda a, c: (1.0 - tau) * a + tau * c, z, f(z, args))
                 return zn, (zn if record else None)
 
-            z, hist = lax.scan(damped, z1, None, length=sp.grad)
+            z, hist = lax.scan(damped, z1, None, length=sp.grad, unroll=True)
         if record:
             unrolled = [a[None] for a in z1]
             if hist is not None:
