@@ -1,4 +1,4 @@
-"""DEQ model and trainer: exact/phantom gradients, Broyden trajectory, weight norm, dropout, configs."""
+"""DEQ model and trainer: exact/phantom gradients, Broyden trajectory, weight norm, dropout."""
 
 import jax
 import jax.numpy as jnp
