@@ -109,10 +109,6 @@ def test_phantom_gradient_is_bptt_through_the_unroll(x64):
     np.testing.assert_allclose(v1, v2, rtol=1e-12)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-    # and it is not the exact gradient (the test can fail)
-    m_exact = nnx.merge(graphdef, params, rest, copy=True)
-    gx_exact = jax.jit(jax.grad(lambda x: jnp.sum(m_exact.equilibrium(x, ift=True).logits * w)))(x)
-    assert not np.allclose(gx_exact, g1[1], rtol=1e-3)
 
 
 def test_recorded_broyden_trajectory_matches_hand_written_loop(x64):
@@ -187,14 +183,9 @@ def test_variational_dropout_mask_fixed_across_steps_and_off_at_eval():
     other = m.dropout_masks(jax.random.PRNGKey(6), 2)
     fo = f(out.z_star, (cstate, args[1], other))
     assert not np.allclose(fo[0], u[0][0], atol=1e-4)
-    m.eval()
+    m.eval()  # dropout off: the forward ignores the key
     ev = _eq(m)
-    a = ev(x, key).logits
-    np.testing.assert_array_equal(a, ev(x, jax.random.PRNGKey(9)).logits)
-    m0 = _model(False, dropout=0.0)
-    nnx.update(m0, nnx.state(m))
-    m0.eval()
-    np.testing.assert_allclose(_eq(m0)(x).logits, a, rtol=1e-6)
+    np.testing.assert_array_equal(ev(x, key).logits, ev(x, jax.random.PRNGKey(9)).logits)
 
 
 def test_random_intermediate_state_is_lowest_of_first_k():
@@ -241,11 +232,11 @@ def _cifar_like(c, objective):
     return c
 
 
-@pytest.mark.parametrize("arg", ["paper", "paper,pgd_at"])
+@pytest.mark.parametrize("arg", ["paper,pgd_at,rand"])
 def test_paper_config_one_training_step(arg):
     c = deq_configs.get_config(arg)
     c = _cifar_like(c, c.objective)
-    c.pretrain_steps = 0  # the step after pretraining (the pretraining branch is compiled too)
+    c.pretrain_steps = 0  # the step after pretraining (lax.cond compiles the pretraining step too)
     trained = get_trainer(c.trainer)(c, None, stop_at_step=1)
     assert trained.history[-1]["step"] == 1
     assert np.isfinite(trained.history[-2]["train_loss"])
