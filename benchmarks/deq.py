@@ -1,4 +1,4 @@
-"""cpu DEQ: training-step and forward throughput of eqrobust (JAX) vs the same cell in PyTorch + torchdeq.
+"""cpu DEQ throughput (train step, forward): eqrobust (JAX) vs the same model in torch + torchdeq.
 
 Both sides run the same model with the same weights: stem -> Broyden (8 steps, relative stop 1e-3,
 lowest residual per example, from z0 = 0) -> z = f(z*) -> 5 damped steps 0.5/0.5 -> head. On the
@@ -7,7 +7,7 @@ tau=1.0)` gives f(z*) with the phantom gradient of that application; the 5 dampe
 in plain PyTorch, as in the DEQ robustness references). Training step = forward + backward +
 Adam on a clean batch (phantom gradient, eval-free BatchNorm in train mode, dropout 0).
 
-    python -m benchmarks.deq [--batch 96] [--repeats 5]
+    python -m benchmarks.deq [--batch 96] [--repeats 5] [--workdir runs/deq_cpu]
 
 Runs alternate (JAX, torch 1 thread, torch 2 threads, ...); medians and min-max spread are printed
 with os.getloadavg() beside each figure (other processes may share the CPU).
@@ -101,7 +101,11 @@ def torch_model(state: dict, model):
             v = p[f"{key}_v"]
             w = v
             if f"{key}_g" in p:
-                w = p[f"{key}_g"].view(-1, 1, 1, 1) * v / v.pow(2).sum((1, 2, 3), keepdim=True).sqrt()
+                w = (
+                    p[f"{key}_g"].view(-1, 1, 1, 1)
+                    * v
+                    / v.pow(2).sum((1, 2, 3), keepdim=True).sqrt()
+                )
             k = w.shape[-1]
             return F.conv2d(x, w, stride=stride, padding=k // 2)
 
@@ -153,7 +157,9 @@ def torch_model(state: dict, model):
                     else:
                         d, n = ys[j], i - j
                         for tt in range(n):
-                            d = self.gn(f"{f}_{2 * tt + 1}", self.conv(f"{f}_{2 * tt}", d, 2), groups)
+                            d = self.gn(
+                                f"{f}_{2 * tt + 1}", self.conv(f"{f}_{2 * tt}", d, 2), groups
+                            )
                             if tt < n - 1:
                                 d = F.relu(d)
                         s = s + d
@@ -211,13 +217,34 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="a `deq.py:cpu` training workdir: use its selected weights (best/), where the "
+        "solver converges (at random init it does not, and the two Broyden implementations "
+        "then return different iterates)",
+    )
     args = ap.parse_args()
     import torch
 
     cfg = get_config("cpu")
     data = synthetic(num_train=args.batch, num_test=8, shape=(28, 28, 1), num_classes=10, seed=0)
+    if args.workdir:  # real images for the trained weights
+        from eqrobust.data import load
+
+        fm = load("fashion_mnist")
+        data = data._replace(x_train=fm.x_test[: args.batch], y_train=fm.y_test[: args.batch])
     model = build_model(cfg, data)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if args.workdir:
+        import orbax.checkpoint as ocp
+
+        sel = {"params": params, "rest": rest}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, sel)
+        path = os.path.abspath(os.path.join(args.workdir, "best"))
+        sel = ocp.StandardCheckpointer().restore(path, abstract)
+        params, rest = sel["params"], sel["rest"]
+        nnx.update(model, params, rest)
     x_np = np.asarray(data.x_train[: args.batch], np.float32) / 255.0
     y_np = np.asarray(data.y_train[: args.batch])
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
@@ -237,9 +264,9 @@ def main() -> None:
             lg, r = logits(p, rest, x, True)
             return optax.softmax_cross_entropy_with_integer_labels(lg, y).mean(), r
 
-        (l, r), g = jax.value_and_grad(loss, has_aux=True)(params)
+        (lv, r), g = jax.value_and_grad(loss, has_aux=True)(params)
         u, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, u), r, opt, l
+        return optax.apply_updates(params, u), r, opt, lv
 
     state = nnx.to_pure_dict(nnx.state(model))
     twin = torch_model(jax.tree.map(np.asarray, state), model)
@@ -281,7 +308,7 @@ def main() -> None:
     variants = [("jax", None, jax_fwd, jax_step)] + [
         (f"torch({n}t)", n, torch_fwd, torch_step) for n in (1, 2)
     ]
-    for rep in range(args.repeats):
+    for _ in range(args.repeats):
         for name, threads, f_fwd, f_step in variants:
             if threads:
                 torch.set_num_threads(threads)
