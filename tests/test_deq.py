@@ -232,14 +232,15 @@ def _cifar_like(c, objective):
     return c
 
 
+@pytest.mark.slow  # ~10 min on the loaded 2-core machine (compiles DEQ-Large + PGD)
 @pytest.mark.parametrize("arg", ["paper,pgd_at,rand"])
 def test_paper_config_one_training_step(arg):
     c = deq_configs.get_config(arg)
     c = _cifar_like(c, c.objective)
     c.pretrain_steps = 0  # the step after pretraining (lax.cond compiles the pretraining step too)
     trained = get_trainer(c.trainer)(c, None, stop_at_step=1)
-    assert trained.history[-1]["step"] == 1
-    assert np.isfinite(trained.history[-2]["train_loss"])
+    assert trained.history[-1]["step"] == 1  # no epoch ended: only the final row
+    assert 0.0 <= trained.history[-1]["test_accuracy"] <= 1.0
 
 
 def test_smoke_training_runs_and_resumes(tmp_path):
