@@ -39,4 +39,4 @@ def logits_fn(model: nnx.Module) -> jax.tree_util.Partial:
 
 
 # Importing the model modules registers them.
-from eqrobust.models import cnn, ep_student, resnet, vit  # noqa: E402, F401
+from eqrobust.models import cnn, deq, ep_student, resnet, vit  # noqa: E402, F401

@@ -26,6 +26,7 @@ TRAINERS = {
     "adversarial": "eqrobust.train.adversarial:train",
     "ep": "eqrobust.train.ep:train",
     "distill": "eqrobust.train.distill:train",
+    "deq": "eqrobust.train.deq:train",
 }
 
 

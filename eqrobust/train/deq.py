@@ -1,0 +1,395 @@
+"""DEQ training: unrolled pretraining, clean / PGD-AT / TRADES, random intermediate states, Jacobian
+regularisation, validation-split model selection; through the one training loop (`fit`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from eqrobust import data as data_lib
+from eqrobust.models import build_model
+from eqrobust.models.deq import DEQNet, deq_classifier
+from eqrobust.train import Trained
+from eqrobust.train.loop import fit
+from eqrobust.train.supervised import cross_entropy, load_data
+
+OBJECTIVES = ("clean", "pgd_at", "trades")
+
+
+def split_validation(ds: data_lib.Dataset, num_val: int) -> tuple[data_lib.Dataset, tuple]:
+    """Hold out the last `num_val` training examples: (train dataset, (x_val, y_val))."""
+    n = len(ds.x_train)
+    if not 0 < num_val < n:
+        raise ValueError(f"num_val={num_val} must be in 1..{n - 1} (training set size {n})")
+    val = (ds.x_train[n - num_val :], ds.y_train[n - num_val :])
+    return ds._replace(x_train=ds.x_train[: n - num_val], y_train=ds.y_train[: n - num_val]), val
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+    """Adam (weight decay 0 unless set) with cosine decay per step from lr to lr_min."""
+    o = config.optimizer
+    lr, lr_min = float(o.lr), float(o.get("lr_min", 0.0))
+    schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=lr_min / lr)
+    tx = optax.adam(schedule)
+    wd = float(o.get("weight_decay", 0.0) or 0.0)
+    if wd:
+        tx = optax.chain(optax.add_decayed_weights(wd), tx)
+    return tx, schedule
+
+
+def trades_attack(logits_fn, x, *, key, eps, steps, step_size):
+    """TRADES inner maximisation: Linf sign ascent on KL(p(x) || p(x')) from x + 0.001 N(0, 1).
+
+    Args:
+        logits_fn: x -> logits [B, K].
+        x: [B, H, W, C] in [0, 1].
+
+    Returns:
+        x_adv [B, H, W, C] (no gradient).
+    """
+    p_nat = jax.nn.softmax(jax.lax.stop_gradient(logits_fn(x)), -1)
+
+    def kl(xa):
+        logq = jax.nn.log_softmax(logits_fn(xa), -1)
+        return jnp.sum(p_nat * (jnp.log(p_nat + 1e-12) - logq))
+
+    def body(_, xa):
+        g = jax.grad(kl)(xa)
+        xa = xa + step_size * jnp.sign(g)
+        return jnp.clip(jnp.clip(xa, x - eps, x + eps), 0.0, 1.0)
+
+    x0 = jnp.clip(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), 0.0, 1.0)
+    return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, x0))
+
+
+def trades_kl(logits_nat: jax.Array, logits_adv: jax.Array) -> jax.Array:
+    """KL(p_nat || p_adv) summed over the batch, divided by the batch size (TRADES)."""
+    p = jax.nn.softmax(logits_nat, -1)
+    return jnp.sum(p * (jax.nn.log_softmax(logits_nat, -1) - jax.nn.log_softmax(logits_adv, -1)))
+
+
+def _steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return max(n_train // batch_size, 1)
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path | None,
+    *,
+    stop_at_step: int | None = None,
+) -> Trained:
+    """Trains (or resumes, or loads) the DEQ of `config`; selects the best epoch on validation.
+
+    Args:
+        config: see eqrobust/configs/deq.py (objective, random_intermediate, jac, adv, val, ...).
+        workdir: checkpoints, metrics.jsonl (fit's rows plus one "val" row per epoch), best/
+            (the selected parameters) and selected.json go here; None saves nothing.
+        stop_at_step: stop early at this step as if interrupted.
+
+    Returns:
+        Trained whose classifier is the selected (best validation) model in eval mode, with its
+        gradient path declared; history holds fit's rows, the validation rows and a final row
+        with the selected model's test accuracy.
+    """
+    objective = config.get("objective", "clean")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    full = load_data(config)
+    ds, (x_val, y_val) = split_validation(full, int(config.num_val))
+    model = build_model(config, ds)
+    if not isinstance(model, DEQNet):
+        raise ValueError("the deq trainer needs config.model.name = 'deq'")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    bs = int(config.batch_size)
+    spe = _steps_per_epoch(len(ds.x_train), bs)
+    num_steps = config.get("num_steps", 0) or 0
+    total = int(num_steps) if num_steps else int(config.num_epochs) * spe
+    tx, schedule = make_optimizer(config, total)
+    init_state = {
+        "params": params,
+        "rest": rest,
+        "opt": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+    }
+    sp = model.solver
+    n_iter = sp.f_max_iter
+    pretrain_steps = int(config.get("pretrain_steps", 0) or 0)
+    rand_inter = bool(config.get("random_intermediate", False))
+    jac = config.jac
+    jac_weight, jac_freq = float(jac.weight), float(jac.freq)
+    jac_stop_step = int(jac.stop_epoch) * spe
+    jac_probes, jac_delta = int(jac.probes), int(jac.get("rand_f_thres_delta", 2))
+    adv = config.adv
+
+    def forward(params, rest, x, *, train: bool, key=None, **kw):
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        m.train() if train else m.eval()
+        out = m.equilibrium(x, key=key, **kw)
+        return out, nnx.state(m, nnx.Not(nnx.Param))
+
+    def eval_logits(state: dict, x: jax.Array) -> jax.Array:
+        return forward(state["params"], state["rest"], x, train=False)[0].logits
+
+    def craft(state: dict, x, y, key, k):
+        """Training adversary in eval mode (dropout off), with the step's k if random-inter."""
+        logits_fn = jax.tree_util.Partial(
+            lambda p, r, kk, xx: forward(p, r, xx, train=False, k=kk)[0].logits,
+            state["params"],
+            state["rest"],
+            k,
+        )
+        eps, step_size = float(adv.eps), float(adv.step_size)
+        if objective == "pgd_at":
+            from eqrobust.attacks import pgd
+
+            res = pgd(
+                logits_fn,
+                x,
+                y,
+                key=key,
+                eps=eps,
+                norm="linf",
+                steps=int(adv.steps),
+                step_size=step_size,
+                random_start=True,
+            )
+            return jax.lax.stop_gradient(res.x_adv)
+        return trades_attack(
+            logits_fn, x, key=key, eps=eps, steps=int(adv.steps), step_size=step_size
+        )
+
+    def update(state, grads):
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        return optax.apply_updates(state["params"], updates), opt
+
+    def metrics_of(loss, logits, y, stats, jac_val, pre, count):
+        return {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            "residual": stats[0],
+            "solver_steps": stats[1],
+            "jac_loss": jac_val,
+            "pretrain": jnp.asarray(pre, jnp.float32),
+            "lr": schedule(count),
+        }
+
+    def pretrain_step(state, x, y, key):
+        count = state["step"]
+
+        def loss_fn(params):
+            out, rest = forward(
+                params, state["rest"], x, train=True, key=key, pretrain=True, final_residual=True
+            )
+            return cross_entropy(out.logits, y), (out, rest)
+
+        (loss, (out, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        params, opt = update(state, grads)
+        stats = (jnp.mean(out.residual), jnp.mean(out.steps.astype(jnp.float32)))
+        m = metrics_of(loss, out.logits, y, stats, jnp.zeros(()), 1.0, count)
+        return {"params": params, "rest": rest, "opt": opt, "step": count + 1}, m
+
+    def main_step(state, x, y, key):
+        count = state["step"]
+        k_k, k_adv, k_d1, k_d2, k_flag, k_jit, k_probe = jax.random.split(key, 7)
+        k = jax.random.randint(k_k, (), 1, n_iter + 1) if rand_inter else None
+        x_in = x if objective == "clean" else craft(state, x, y, k_adv, k)
+
+        def loss_fn(params, with_jac: bool):
+            kw: dict = {"k": k}
+            if with_jac:
+                # The reference's solver-iteration jitter on Jacobian-loss steps.
+                jit = jax.random.randint(k_jit, (), -jac_delta, jac_delta) if jac_delta else 0
+                base = k if k is not None else n_iter
+                hi = n_iter + max(jac_delta - 1, 0)
+                kw = {
+                    "k": jnp.clip(base + jit, 1, hi),
+                    "k_min": 1 if rand_inter else max(n_iter - jac_delta, 1),
+                    "max_iter": hi,
+                    "jac_probes": jac_probes,
+                    "jac_key": k_probe,
+                }
+            out, rest = forward(params, state["rest"], x_in, train=True, key=k_d1, **kw)
+            if objective == "trades":
+                nat, rest = forward(params, rest, x, train=True, key=k_d2, k=k)
+                loss = (
+                    cross_entropy(nat.logits, y)
+                    + float(config.trades_beta) * trades_kl(nat.logits, out.logits) / x.shape[0]
+                )
+                logits = nat.logits
+            else:
+                loss = cross_entropy(out.logits, y)
+                logits = out.logits
+            jv = out.jac_loss if with_jac else jnp.zeros(())
+            stats = (jnp.mean(out.residual), jnp.mean(out.steps.astype(jnp.float32)))
+            return loss + jac_weight * jv, (loss, logits, stats, rest, jv)
+
+        def grads_of(with_jac):
+            def g(params):
+                (_, aux), grads = jax.value_and_grad(lambda p: loss_fn(p, with_jac), has_aux=True)(
+                    params
+                )
+                return aux, grads
+
+            return g
+
+        use_jac = jac_weight > 0 and jac_freq > 0
+        if use_jac:
+            on = jax.random.bernoulli(k_flag, jac_freq) & (count < jac_stop_step)
+            aux, grads = jax.lax.cond(on, grads_of(True), grads_of(False), state["params"])
+        else:
+            aux, grads = grads_of(False)(state["params"])
+        loss, logits, stats, rest, jv = aux
+        params, opt = update(state, grads)
+        m = metrics_of(loss, logits, y, stats, jv, 0.0, count)
+        return {"params": params, "rest": rest, "opt": opt, "step": count + 1}, m
+
+    def train_step(state, x, y, key):
+        if pretrain_steps <= 0:
+            return main_step(state, x, y, key)
+        count = state["step"]
+        return jax.lax.cond(count < pretrain_steps, pretrain_step, main_step, state, x, y, key)
+
+    # ------------------------------------------------------------------ validation per epoch
+    val = config.val
+    n_pgd = min(int(val.pgd_examples), len(x_val))
+    val_bs = int(config.get("eval_batch_size", 500))
+
+    @jax.jit
+    def val_clean(state, x):
+        out, _ = forward(state["params"], state["rest"], x, train=False, final_residual=True)
+        return out.logits, out.residual, out.steps, out.final_residual
+
+    def _val_logits(p, r, xx):  # one function object: the PGD core compiles once per run
+        return forward(p, r, xx, train=False)[0].logits
+
+    def validate(state) -> dict:
+        t0 = time.time()
+        correct, res, fres, steps = 0, [], [], []
+        for i in range(0, len(x_val), val_bs):
+            xb = data_lib.to_float(x_val[i : i + val_bs])
+            logits, r, s, fr = val_clean(state, xb)
+            correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(y_val[i : i + val_bs])))
+            res.append(np.asarray(r))
+            fres.append(np.asarray(fr))
+            steps.append(np.asarray(s))
+        row = {
+            "val_clean_accuracy": correct / len(x_val),
+            "val_residual": float(np.mean(np.concatenate(res))),
+            "val_final_residual": float(np.mean(np.concatenate(fres))),
+            "val_solver_steps": float(np.mean(np.concatenate(steps))),
+        }
+        if n_pgd:
+            from eqrobust.attacks import pgd
+
+            clf_fn = jax.tree_util.Partial(_val_logits, state["params"], state["rest"])
+            ok = 0
+            for i in range(0, n_pgd, val_bs):
+                xb = data_lib.to_float(x_val[i : min(i + val_bs, n_pgd)])
+                yb = jnp.asarray(y_val[i : min(i + val_bs, n_pgd)])
+                r = pgd(
+                    clf_fn,
+                    xb,
+                    yb,
+                    key=jax.random.PRNGKey(i),
+                    eps=float(val.eps),
+                    norm="linf",
+                    steps=int(val.pgd_steps),
+                    step_size=float(val.step_size),
+                    random_start=True,
+                )
+                ok += int(jnp.sum(~r.success & (jnp.argmax(clf_fn(xb), -1) == yb)))
+            row["val_pgd_accuracy"] = ok / n_pgd
+        row["val_time_s"] = round(time.time() - t0, 2)
+        return row
+
+    select_key = "val_clean_accuracy" if objective == "clean" or not n_pgd else "val_pgd_accuracy"
+
+    # ------------------------------------------------------------------ epochs through fit
+    wd = Path(workdir) if workdir is not None else None
+    fit_cfg = ml_collections.ConfigDict(config.to_dict())
+    fit_cfg.data_dir = config.get("data_dir", None)
+    fit_cfg.eval_every_epochs = 10**9  # fit measures test accuracy only at the end
+    fit_cfg.num_steps = total
+    metrics_path = wd / "metrics.jsonl" if wd is not None else None
+    best_path = wd / "best.json" if wd is not None else None
+    best = (
+        json.loads(best_path.read_text()) if best_path is not None and best_path.exists() else None
+    )
+    best_state = None
+    ckptr = ocp.StandardCheckpointer() if wd is not None else None
+    end = total if stop_at_step is None else min(total, int(stop_at_step))
+    state, history, step = init_state, [], 0
+    while True:
+        target = min((step // spe + 1) * spe, end)
+        result = fit(
+            config=fit_cfg,
+            workdir=wd,
+            data=ds,
+            init_state=init_state,
+            train_step=train_step,
+            eval_logits=eval_logits,
+            stop_at_step=target,
+        )
+        state, history, step = result.state, result.history, result.step
+        have = {r["step"] for r in history if "val_clean_accuracy" in r}
+        if (step % spe == 0 or step == total) and step not in have and step > 0:
+            row = {"step": step, "epoch": step / spe, **validate(state)}
+            history.append(row)
+            if metrics_path is not None:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            logging.info("validation: %s", row)
+            print(json.dumps(row), flush=True)
+            if best is None or row[select_key] > best[select_key]:
+                best = {"step": step, "epoch": row["epoch"], select_key: row[select_key]}
+                sel = {"params": state["params"], "rest": state["rest"]}
+                if wd is not None:
+                    ckptr.save((wd / "best").absolute(), sel, force=True)
+                    ckptr.wait_until_finished()
+                    best_path.write_text(json.dumps(best))
+                else:
+                    best_state = jax.device_get(sel)
+        if step >= end:
+            break
+
+    sel = {"params": state["params"], "rest": state["rest"]}
+    if best_state is not None:
+        sel = best_state
+    elif wd is not None and (wd / "best").exists():
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, sel)
+        sel = ckptr.restore((wd / "best").absolute(), abstract)
+    nnx.update(model, sel["params"], sel["rest"])
+    model.eval()
+    name = config.get("name", "DEQ")
+    clf = deq_classifier(model, name=name)
+    test_acc = float(
+        _accuracy(clf.logits_fn, full.x_test, full.y_test, batch_size=int(config.eval_batch_size))
+    )
+    final = {
+        "step": step,
+        "selected_step": best["step"] if best else step,
+        "selected_by": select_key,
+        "test_accuracy": test_acc,
+    }
+    history = history + [final]
+    if wd is not None:
+        (wd / "selected.json").write_text(json.dumps(final))
+    return Trained(clf, state, history, config)
+
+
+def _accuracy(logits_fn, x: np.ndarray, y: np.ndarray, *, batch_size: int) -> float:
+    from eqrobust.train.loop import accuracy
+
+    f = jax.jit(lambda xx: logits_fn(xx))
+    return accuracy(f, x, y, batch_size=batch_size) if len(x) else math.nan
