@@ -131,7 +131,7 @@ def test_installed_package_runs_the_readme_example(tmp_path):
     target = tmp_path / "site"
     src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "*.egg-info"))
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]  # isolated build
     subprocess.run([*pip, "--target", str(target), str(src)], check=True, timeout=300)
     work = tmp_path / "elsewhere"
     work.mkdir()
