@@ -18,10 +18,11 @@ from absl import logging
 from flax import nnx
 
 from eqrobust import data as data_lib
+from eqrobust.attacks import pgd
 from eqrobust.models import build_model
 from eqrobust.models.deq import DEQNet, deq_classifier
 from eqrobust.train import Trained
-from eqrobust.train.loop import fit
+from eqrobust.train.loop import accuracy, fit
 from eqrobust.train.supervised import cross_entropy, load_data
 
 OBJECTIVES = ("clean", "pgd_at", "trades")
@@ -151,8 +152,6 @@ def train(
         )
         eps, step_size = float(adv.eps), float(adv.step_size)
         if objective == "pgd_at":
-            from eqrobust.attacks import pgd
-
             res = pgd(
                 logits_fn,
                 x,
@@ -290,8 +289,6 @@ def train(
             "val_solver_steps": float(np.mean(np.concatenate(steps))),
         }
         if n_pgd:
-            from eqrobust.attacks import pgd
-
             clf_fn = jax.tree_util.Partial(_val_logits, state["params"], state["rest"])
             ok = 0
             for i in range(0, n_pgd, val_bs):
@@ -389,7 +386,5 @@ def train(
 
 
 def _accuracy(logits_fn, x: np.ndarray, y: np.ndarray, *, batch_size: int) -> float:
-    from eqrobust.train.loop import accuracy
-
     f = jax.jit(lambda xx: logits_fn(xx))
     return accuracy(f, x, y, batch_size=batch_size) if len(x) else math.nan
