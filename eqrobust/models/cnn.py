@@ -15,14 +15,6 @@ from eqrobust.models.registry import register_model
 CONV_IMPLS = ("patches", "xla")
 
 
-def check_images(x: jax.Array, in_shape: Sequence[int], who: str) -> None:
-    """Raises ValueError unless x is a float [B, *in_shape] batch in [0, 1] (`ops.check_images`).
-
-    The value range (and finiteness) is checked only on concrete (non-traced) arrays.
-    """
-    ops.check_images(x, in_shape, who)
-
-
 def feature_size(
     in_hw: Sequence[int], paddings: Sequence[int], kernel_size: int
 ) -> tuple[int, int]:
@@ -84,7 +76,7 @@ class BPCNN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] float in [0, 1] -> logits [B, K]."""
-        check_images(x, self.in_shape, "BPCNN")
+        ops.check_images(x, self.in_shape, "BPCNN")
         h = ops.normalize(x, self.mean.value, self.std.value)
         for conv, norm, p in zip(self.convs, self.norms, self.paddings):
             if self.conv_impl == "patches":

@@ -15,7 +15,6 @@ from jax import lax
 
 from eqrobust import ops, solvers
 from eqrobust.classifier import Classifier, GradientPath
-from eqrobust.models.cnn import check_images
 from eqrobust.models.registry import register_model
 
 CONV_IMPLS = ("xla", "patches")
@@ -447,7 +446,7 @@ class DEQNet(nnx.Module):
         Returns:
             DEQOutput.
         """
-        check_images(x, self.in_shape, "DEQNet")
+        ops.check_images(x, self.in_shape, "DEQNet")
         sp = self.solver
         ift = sp.ift if ift is None else bool(ift)
         max_iter = sp.f_max_iter if max_iter is None else int(max_iter)

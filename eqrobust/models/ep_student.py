@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eqrobust import energy
-from eqrobust.models.cnn import check_images
+from eqrobust import energy, ops
 from eqrobust.models.registry import register_model
 
 
@@ -75,7 +74,7 @@ class EPStudent(nnx.Module):
     def states(self, x: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
         """x: [B, H, W, C] in [0, 1] -> (hidden states (conv [B, H_l, W_l, C_l], fc [B, F_l]),
         logits [B, K])."""
-        check_images(x, self.ecfg.in_shape, "EPStudent")
+        ops.check_images(x, self.ecfg.in_shape, "EPStudent")
         cfg = self.ecfg
         sigma = energy.get_activation(cfg.activation)
         h = energy.normalize(x, cfg)

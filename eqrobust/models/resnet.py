@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eqrobust.models.cnn import check_images
+from eqrobust import ops
 from eqrobust.models.registry import register_model
 
 
@@ -77,7 +77,7 @@ class ResNet18(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] float in [0, 1] -> logits [B, K]."""
-        check_images(x, self.in_shape, "ResNet18")
+        ops.check_images(x, self.in_shape, "ResNet18")
         h = (x - self.mean.value) / self.std.value
         h = nnx.relu(self.stem_bn(self.stem(h)))
         for block in self.blocks:

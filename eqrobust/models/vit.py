@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eqrobust.models.cnn import check_images
+from eqrobust import ops
 from eqrobust.models.registry import register_model
 
 
@@ -90,7 +90,7 @@ class ViT(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] float in [0, 1] -> logits [B, K]."""
-        check_images(x, self.in_shape, "ViT")
+        ops.check_images(x, self.in_shape, "ViT")
         h = self.embed(self.patches((x - self.mean.value) / self.std.value))
         cls = jnp.broadcast_to(self.cls.get_value(), (h.shape[0], 1, h.shape[-1]))
         h = jnp.concatenate([cls, h], axis=1) + self.pos.get_value()
