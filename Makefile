@@ -1,7 +1,8 @@
 # The two commands of eqrobust (see README.md):
 #   make demo   set up .venv, get Fashion-MNIST, run the robustness study at cpu scale -> runs/demo/
 #   make test   set up .venv with the test extra, run pytest and ruff
-# Extras: make bench (side-by-side PyTorch benchmarks), make clean.
+# Extras: make bench (side-by-side PyTorch benchmarks), make bench-gpu (the paper-scale GPU
+# table; run it on a GPU machine), make clean.
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench data clean
+.PHONY: demo test bench bench-gpu data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,10 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.ep_free_phase
 	$(PY) -m benchmarks.attacks
 	$(PY) -m benchmarks.solvers_fevals
+
+bench-gpu: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.gpu --json=gpu.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -34,8 +34,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.torch_ep import TorchEP  # noqa: E402
 from eqrobust import energy, ep  # noqa: E402
-from eqrobust.energy import EnergyConfig  # noqa: E402
+from eqrobust.energy import EnergyConfig, step_flops  # noqa: E402
 
 NETS = {
     # experiments/configs/ep_cnn.py:cpu (Fashion-MNIST)
@@ -51,23 +52,6 @@ NETS = {
 }
 
 
-def step_flops(cfg: EnergyConfig, batch: int) -> float:
-    """Multiply-add FLOPs (x2) of one free-phase step: every conv/fc forward once, and the
-    transposed conv/fc feeding back into every neuron layer below (none into the input)."""
-    flops, h, w, cin = 0.0, *cfg.in_shape
-    k = cfg.kernel_size
-    for i, (c, p) in enumerate(zip(cfg.channels, cfg.paddings, strict=True)):
-        hc, wc = h + 2 * p - k + 1, w + 2 * p - k + 1
-        f = 2.0 * hc * wc * k * k * cin * c
-        flops += f * (2 if i > 0 else 1)
-        h, w, cin = hc // 2, wc // 2, c
-    fin = h * w * cin
-    for j, f in enumerate((*cfg.fc, *((cfg.num_classes,) if cfg.output == "mse" else ()))):
-        flops += 2.0 * fin * f * (2 if (j > 0 or cfg.channels) else 1)
-        fin = f
-    return flops * batch
-
-
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up / compile
     best = math.inf
@@ -76,54 +60,6 @@ def _time(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
-
-
-# ------------------------------------------------------------------------------------- PyTorch
-
-
-class TorchEP:
-    """The reference approach: Phi written in PyTorch, dPhi/ds by autograd at every step."""
-
-    def __init__(self, params, cfg: EnergyConfig):
-        self.cfg = cfg
-        self.layers = []
-        for i, (w, b) in enumerate(params):
-            w = torch.from_numpy(np.asarray(w))
-            if i < cfg.num_conv:
-                w = w.permute(3, 2, 0, 1).contiguous()  # HWIO -> OIHW
-            else:
-                w = w.T.contiguous()  # [in, out] -> [out, in]
-            self.layers.append((w, torch.from_numpy(np.asarray(b))))
-        self.mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(cfg.std).view(1, -1, 1, 1)
-        self.act = {
-            "my_hard_sig": lambda u: torch.clamp(0.5 * u, 0, 1),
-        }[cfg.activation]
-
-    def phi(self, x, states):
-        s_prev, total = (x - self.mean) / self.std, 0.0
-        nc = self.cfg.num_conv
-        for i in range(nc):
-            w, b = self.layers[i]
-            u = torch.nn.functional.conv2d(s_prev, w, b, padding=self.cfg.paddings[i])
-            total = total + (torch.nn.functional.max_pool2d(u, 2) * states[i]).sum()
-            s_prev = states[i]
-        for j in range(len(self.cfg.fc)):
-            w, b = self.layers[nc + j]
-            total = (
-                total + (torch.nn.functional.linear(s_prev.flatten(1), w, b) * states[nc + j]).sum()
-            )
-            s_prev = states[nc + j]
-        return total
-
-    def free_phase(self, x, steps: int):
-        b = x.shape[0]
-        shapes = [(c, h, w) for (h, w, c) in self.cfg.conv_shapes] + [(f,) for f in self.cfg.fc]
-        states = [torch.zeros(b, *s, requires_grad=True) for s in shapes]
-        for _ in range(steps):
-            grads = torch.autograd.grad(self.phi(x, states), states)
-            states = [self.act(g).requires_grad_() for g in grads]
-        return [s.detach() for s in states]
 
 
 # ------------------------------------------------------------------------------------- JAX

@@ -92,12 +92,12 @@ class EnergyConfig:
       output: "softmax" (last Linear is a readout outside the dynamics, CE loss; the robustness
         papers' choice) or "mse" (output neurons inside the dynamics, squared-error loss).
       mean, std: per-channel input normalisation in [0, 1] units; applied inside the model.
-      pool: max-pool formulation, "reduce_window" (lax.reduce_window) or "reshape" (max over a
-        strided-slice view, custom first-maximum VJP; default); same values and gradients,
-        different speed (reshape is several times faster in XLA:CPU while loops).
-      conv: convolution formulation, "xla" (lax.conv_general_dilated) or "patches" (k*k shifted
-        slices concatenated, then one matmul; default, several times faster on CPU); same values
-        up to rounding.
+      pool: max-pool formulation, "reduce_window" (lax.reduce_window), "reshape" (max over a
+        strided-slice view, custom first-maximum VJP) or "auto" (default: the fastest measured
+        on the backend, `ops.resolve_impl`; reshape on CPU and GPU); same values and gradients.
+      conv: convolution formulation, "xla" (lax.conv_general_dilated, cuDNN on GPU), "patches"
+        (k*k shifted slices concatenated, then one matmul; several times faster on CPU) or
+        "auto" (default: patches on CPU, xla on accelerators); same values up to rounding.
     """
 
     in_shape: tuple[int, int, int] = (28, 28, 1)
@@ -110,8 +110,8 @@ class EnergyConfig:
     output: str = "softmax"
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
-    pool: str = "reshape"
-    conv: str = "patches"
+    pool: str = "auto"
+    conv: str = "auto"
 
     def __post_init__(self):
         # Normalise list-valued fields (ConfigDicts hand over lists) so the config stays hashable.
@@ -330,3 +330,52 @@ def step(
     sigma = get_activation(config.activation)
     grads = state_grad(params, x, states, config=config, beta=beta, y=y)
     return tuple(sigma(g) for g in grads)
+
+
+def step_async(
+    params: Params,
+    x: ArrayLike,
+    states: States,
+    *,
+    config: EnergyConfig,
+    beta: ArrayLike = 0.0,
+    y: ArrayLike | None = None,
+) -> States:
+    """One even/odd (asynchronous) update (Scellier et al. 2023): the neuron layers 1, 3, ...
+    (`states[0]`, `states[2]`, ...) from the current states, then layers 2, 4, ... from those.
+
+    A layer's dPhi/ds_l depends only on its neighbours s_{l-1}, s_{l+1}, so each half is exact
+    block Gauss-Seidel; the fixed points are those of `step`. Costs two energy gradients (the
+    unused halves of each are dead code for XLA), and typically needs far fewer steps.
+    """
+    sigma = get_activation(config.activation)
+    for parity in (0, 1):
+        grads = state_grad(params, x, states, config=config, beta=beta, y=y)
+        states = tuple(
+            sigma(g) if i % 2 == parity else s for i, (g, s) in enumerate(zip(grads, states))
+        )
+    return states
+
+
+UPDATES: dict[str, Callable[..., States]] = {"sync": step, "async": step_async}
+
+
+def step_flops(config: EnergyConfig, batch: int) -> float:
+    """FLOPs (2 per multiply-add) of one synchronous free-phase step on `batch` examples: every
+    conv / fc forward once, plus the transposed conv / fc feeding each neuron layer from the one
+    above (none into the input). The floor that benchmarks divide by a measured matmul rate; it
+    matches XLA's cost analysis of the patches formulation to within a few % (tests/test_energy.py).
+    """
+    flops, h, w, cin = 0.0, *config.in_shape
+    k = config.kernel_size
+    for i, (c, p) in enumerate(zip(config.channels, config.paddings, strict=True)):
+        hc, wc = h + 2 * p - k + 1, w + 2 * p - k + 1
+        f = 2.0 * hc * wc * k * k * cin * c
+        flops += f * (2 if i > 0 else 1)
+        h, w, cin = hc // 2, wc // 2, c
+    fin = h * w * cin
+    outputs = (*config.fc, *((config.num_classes,) if config.output == "mse" else ()))
+    for j, f in enumerate(outputs):
+        flops += 2.0 * fin * f * (2 if (j > 0 or config.channels) else 1)
+        fin = f
+    return flops * batch

@@ -38,6 +38,9 @@ class EPConfig:
       free_tol: relative-residual tolerance for `free_stop="converged"` and the solvers.
       solver_options: extra keyword options for `solvers.solve` (e.g. (("memory", 5),)).
       implicit_options: extra options for the implicit-gradient backward solve.
+      update: "sync" (all layers at once from the previous states: the papers) or "async"
+        (even layers, then odd layers: `energy.step_async`, Scellier et al. 2023; same fixed
+        points, fewer steps, each step two energy gradients). Applies to every phase.
     """
 
     energy: EnergyConfig = EnergyConfig()
@@ -51,6 +54,7 @@ class EPConfig:
     free_tol: float = 1e-4
     solver_options: tuple[tuple[str, Any], ...] = ()
     implicit_options: tuple[tuple[str, Any], ...] = ()
+    update: str = "sync"
 
     def __post_init__(self):
         object.__setattr__(self, "solver_options", tuple(map(tuple, self.solver_options)))
@@ -61,6 +65,10 @@ class EPConfig:
             raise ValueError(f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}.")
         if self.free_stop not in ("never", "converged"):
             raise ValueError(f"free_stop must be 'never' or 'converged'; got {self.free_stop!r}.")
+        if self.update not in energy.UPDATES:
+            raise ValueError(
+                f"update must be one of {sorted(energy.UPDATES)}; got {self.update!r}."
+            )
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0 (the sign is set by the phase); got {self.beta}.")
 
@@ -114,16 +122,17 @@ def init(
 # --------------------------------------------------------------------------- phases
 
 
-def _maps(cfg: EnergyConfig):
+def _maps(cfg: EnergyConfig, update: str = "sync"):
     """The free and nudged update maps for `solvers.solve` (closures over the static config)."""
+    step = energy.UPDATES[update]
 
     def free(z: States, args) -> States:
         params, x = args
-        return energy.step(params, x, z, config=cfg)
+        return step(params, x, z, config=cfg)
 
     def nudged(z: States, args) -> States:
         params, x, y, beta = args
-        return energy.step(params, x, z, config=cfg, beta=beta, y=y)
+        return step(params, x, z, config=cfg, beta=beta, y=y)
 
     return free, nudged
 
@@ -164,7 +173,7 @@ def free_phase(
     dtype = params[0].w.dtype
     if s0 is None:
         s0 = energy.zero_states(config.energy, x.shape[0], dtype)
-    free, _ = _maps(config.energy)
+    free, _ = _maps(config.energy, config.update)
     options = dict(config.solver_options)
     if grad == "implicit":
         options.update(dict(config.implicit_options))
@@ -207,7 +216,7 @@ def nudged_phase(
     Returns:
       The nudged states s^beta (not differentiable; EP never differentiates through phases).
     """
-    _, nudged = _maps(config.energy)
+    _, nudged = _maps(config.energy, config.update)
     dtype = params[0].w.dtype
     args = (params, jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(beta, dtype))
     sol = solvers.solve(

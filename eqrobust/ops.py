@@ -13,30 +13,53 @@ from tqdm.auto import tqdm
 
 Array = jax.Array
 
-CONV_IMPLS = ("xla", "patches")
-POOL_IMPLS = ("reshape", "reduce_window")
+CONV_IMPLS = ("auto", "xla", "patches")
+POOL_IMPLS = ("auto", "reshape", "reduce_window")
+
+# "auto" picks the formulation measured fastest on the backend the program is traced for (CPU,
+# accelerator): on XLA:CPU the patches conv and the strided-slice pool, several times faster in
+# while loops (benchmarks/ep_free_phase.py); on an H100, cuDNN's conv and again the strided-slice
+# pool (EP free phase 1729 steps/s vs 1591 with reduce_window, 1362 with patches; benchmarks/gpu.py,
+# BUILD_NOTES "Paper scale on one GPU"). Every choice computes the same function and gradient.
+_AUTO = {"conv": ("patches", "xla"), "pool": ("reshape", "reshape")}
+
+
+def resolve_impl(kind: str, impl: str) -> str:
+    """The concrete formulation of `impl` ("auto" -> by `jax.default_backend()`).
+
+    Args:
+        kind: "conv" or "pool".
+        impl: a member of CONV_IMPLS / POOL_IMPLS.
+
+    Returns:
+        impl itself, or for "auto": the CPU choice on "cpu", the accelerator choice otherwise.
+    """
+    if impl != "auto":
+        return impl
+    cpu, accelerator = _AUTO[kind]
+    return cpu if jax.default_backend() == "cpu" else accelerator
 
 
 # --------------------------------------------------------------------------- convolution
 
 
-def conv(x: Array, w: Array, padding: int, impl: str = "xla") -> Array:
+def conv(x: Array, w: Array, padding: int, impl: str = "auto") -> Array:
     """Stride-1 NHWC convolution with symmetric zero padding.
 
     Args:
         x: [B, H, W, C_in].
         w: [k, k, C_in, C_out] (HWIO).
         padding: zero padding on each side of H and W.
-        impl: "xla" (lax.conv_general_dilated; cuDNN on GPU) or "patches" (k*k shifted slices
+        impl: "xla" (lax.conv_general_dilated; cuDNN on GPU), "patches" (k*k shifted slices
             concatenated, then one matmul; several times faster on CPU, especially inside while
-            loops). Same values up to rounding, same parameters.
+            loops) or "auto" (by backend, `resolve_impl`). Same values up to rounding.
 
     Returns:
         [B, H + 2 p - k + 1, W + 2 p - k + 1, C_out].
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}; got {impl!r}.")
-    if impl == "patches":
+    if resolve_impl("conv", impl) == "patches":
         k = w.shape[0]
         sp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
         ho, wo = sp.shape[1] - k + 1, sp.shape[2] - k + 1
@@ -83,7 +106,7 @@ def _pool_bwd(masks, g: Array):
 _pool_first.defvjp(_pool_fwd, _pool_bwd)
 
 
-def max_pool_2x2(u: Array, impl: str = "reshape") -> Array:
+def max_pool_2x2(u: Array, impl: str = "auto") -> Array:
     """2x2 / stride-2 max pool (floor mode: odd trailing rows/cols dropped).
 
     Values equal ``nnx.max_pool(u, (2, 2), strides=(2, 2))``. The gradient of each window goes to
@@ -93,15 +116,16 @@ def max_pool_2x2(u: Array, impl: str = "reshape") -> Array:
         u: [B, H, W, C].
         impl: "reshape" (strided slices + elementwise max with a custom first-maximum VJP made of
             elementwise ops; default, several times faster inside XLA:CPU while loops, see
-            BUILD_NOTES) or "reduce_window" (lax.reduce_window; gradient by select_and_scatter).
-            Same values and gradients. Not forward-mode differentiable with "reshape".
+            BUILD_NOTES), "reduce_window" (lax.reduce_window; gradient by select_and_scatter) or
+            "auto" (by backend, `resolve_impl`). Same values and gradients. Not forward-mode
+            differentiable with "reshape".
 
     Returns:
         [B, H // 2, W // 2, C].
     """
     if impl not in POOL_IMPLS:
         raise ValueError(f"max pool impl must be one of {POOL_IMPLS}; got {impl!r}.")
-    if impl == "reduce_window":
+    if resolve_impl("pool", impl) == "reduce_window":
         return jax.lax.reduce_window(u, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     _, h, w, _ = u.shape
     return _pool_first(u[:, : 2 * (h // 2), : 2 * (w // 2)])

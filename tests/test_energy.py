@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqrobust import energy
+from eqrobust import energy, ep
 from eqrobust.energy import EnergyConfig, Layer
 
 
@@ -234,3 +234,30 @@ def test_input_validation():
         EnergyConfig(channels=(2, 3), paddings=(1,))
     with pytest.raises(ValueError, match="shrink"):
         EnergyConfig(in_shape=(4, 4, 1), channels=(2, 2, 2), paddings=(0, 0, 0))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        EnergyConfig(in_shape=(28, 28, 1), channels=(16, 32), paddings=(1, 1), conv="patches"),
+        EnergyConfig(
+            in_shape=(32, 32, 3),
+            channels=(8, 16, 16, 16),
+            paddings=(1, 1, 1, 0),
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+            conv="patches",
+        ),
+    ],
+)
+def test_step_flops_matches_xla_cost_analysis(cfg):
+    # The patches formulation is all matmuls: XLA's FLOP count is the multiply-adds plus a few
+    # elementwise ops (activations, bias adds, pooling compares), i.e. slightly above ours.
+    params = ep.init(jax.random.PRNGKey(0), cfg)
+    x = jnp.zeros((4, *cfg.in_shape))
+    s = energy.zero_states(cfg, 4)
+    cost = jax.jit(lambda p, x, s: energy.step(p, x, s, config=cfg)).lower(params, x, s)
+    cost = cost.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    ours = energy.step_flops(cfg, 4)
+    assert ours <= cost["flops"] <= 1.1 * ours, (ours, cost["flops"])

@@ -130,6 +130,36 @@ def test_anderson_and_convergence_stop_reach_the_picard_fixed_point():
         assert int(anders.steps.max()) <= int(conv.steps.max())
 
 
+def test_async_updates_are_gauss_seidel_and_reach_the_sync_fixed_point():
+    e = EnergyConfig(in_shape=(6, 6, 1), num_classes=3, channels=(3, 4), paddings=(1, 1), fc=(5,))
+    with jax.enable_x64(True):
+        params = _params(4, e, scale=0.7)
+        x = jnp.asarray(np.random.default_rng(5).uniform(size=(5, 6, 6, 1)))
+        rng = np.random.default_rng(6)
+        s = tuple(jnp.asarray(rng.uniform(size=(5, *shp))) for shp in e.state_shapes)
+        y = jnp.asarray([0, 1, 2, 0, 1])
+        # One async step by hand: layers 0 and 2 from s, then layer 1 from the updated states;
+        # with nudging too (the loss term reaches the last layer).
+        sig = energy.get_activation(e.activation)
+        for beta in (0.0, 0.7):
+            g = energy.state_grad(params, x, s, config=e, beta=beta, y=y)
+            half = (sig(g[0]), s[1], sig(g[2]))
+            g2 = energy.state_grad(params, x, half, config=e, beta=beta, y=y)
+            want = (half[0], sig(g2[1]), half[2])
+            got = energy.step_async(params, x, s, config=e, beta=beta, y=y)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        sync = ep.EPConfig(energy=e, t1=300, free_stop="converged", free_tol=1e-10)
+        asyn = dataclasses.replace(sync, update="async")
+        a, b = ep.free_phase(params, x, sync), ep.free_phase(params, x, asyn)
+        assert bool(jnp.all(a.converged)) and bool(jnp.all(b.converged))
+        for u, v in zip(a.z, b.z, strict=True):
+            np.testing.assert_allclose(u, v, atol=1e-8)
+        assert int(b.steps.max()) < int(a.steps.max())  # Gauss-Seidel needs fewer steps
+    with pytest.raises(ValueError, match="update must be one of"):
+        ep.EPConfig(energy=e, update="sequential")
+
+
 def test_classifier_metadata_values_and_gradients():
     cfg = _tiny(t1=6)
     params = ep.init(jax.random.PRNGKey(1), cfg)

@@ -37,6 +37,27 @@ def test_patches_conv_matches_xla_in_value_and_gradient(padding):
         ops.conv(x, w, 1, "fft")
 
 
+def test_auto_formulations_follow_the_backend(monkeypatch):
+    assert ops.resolve_impl("conv", "xla") == "xla" and ops.resolve_impl("pool", "reshape") == (
+        "reshape"
+    )
+    assert jax.default_backend() == "cpu"  # the test suite runs on CPU (CI has no GPU)
+    assert (ops.resolve_impl("conv", "auto"), ops.resolve_impl("pool", "auto")) == (
+        "patches",
+        "reshape",
+    )
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert (ops.resolve_impl("conv", "auto"), ops.resolve_impl("pool", "auto")) == (
+        "xla",
+        "reshape",
+    )
+    # "auto" is the same function whichever formulation it resolves to.
+    x = jax.random.uniform(jax.random.key(0), (2, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    np.testing.assert_allclose(ops.conv(x, w, 1, "auto"), ops.conv(x, w, 1, "patches"), atol=1e-5)
+    np.testing.assert_array_equal(ops.max_pool_2x2(x, "auto"), ops.max_pool_2x2(x, "reshape"))
+
+
 @pytest.mark.parametrize("shape", [(2, 7, 6, 3), (1, 5, 9, 2), (3, 2, 3, 1)])
 @pytest.mark.parametrize("impl", ops.POOL_IMPLS)
 def test_pool_values_match_flax_on_odd_sizes(shape, impl):

@@ -31,7 +31,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.num_train = ml_collections.config_dict.placeholder(int)  # None: all; int: a subset
     c.num_test = ml_collections.config_dict.placeholder(int)
     c.model = ml_collections.ConfigDict(
-        dict(name="bp_cnn", channels=(16, 32), paddings=(1, 1), kernel_size=3, conv="patches")
+        dict(name="bp_cnn", channels=(16, 32), paddings=(1, 1), kernel_size=3, conv="auto")
     )
     c.optimizer = ml_collections.ConfigDict(
         dict(
@@ -69,7 +69,6 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     elif scale == "paper":
         c.dataset = "cifar10"
         c.model.channels, c.model.paddings = (128, 256, 512, 512), (1, 1, 1, 0)
-        c.model.conv = "xla"  # cuDNN on GPU; "patches" is the CPU formulation of the same conv
         c.optimizer.update(
             dict(
                 lr=0.1,

@@ -44,8 +44,10 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
             fc=(),
             activation="my_hard_sig",
             output="softmax",
-            pool="reshape",  # first-max gradient, fast formulation (see energy.maxpool2)
-            conv="patches",
+            # Formulations by backend (ops.resolve_impl): strided-slice pool + patches conv on
+            # CPU, reduce_window + cuDNN on GPU; the same function and first-max gradient.
+            pool="auto",
+            conv="auto",
             mean=ml_collections.config_dict.placeholder(tuple),  # None: training-set statistics
             std=ml_collections.config_dict.placeholder(tuple),
             std_scale=1.0,
@@ -58,6 +60,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
             free_method="picard",
             free_stop="never",
             free_tol=1e-4,
+            update="sync",  # "async": even/odd layer updates (Scellier et al. 2023)
         )
     )
     c.optimizer = ml_collections.ConfigDict(
@@ -101,9 +104,6 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
                 t1=250,
                 t2=30,
                 beta=1.0 if cifar100 else 0.5,
-                # GPU-native formulations (cuDNN conv, select-and-scatter pool): same function.
-                conv="xla",
-                pool="reduce_window",
             )
         )
         if not cifar100:

@@ -12,7 +12,7 @@ from flax import nnx
 from eqrobust import ops
 from eqrobust.models.registry import register_model
 
-CONV_IMPLS = ("patches", "xla")
+CONV_IMPLS = ops.CONV_IMPLS
 
 
 def feature_size(
@@ -46,12 +46,13 @@ class BPCNN(nnx.Module):
         kernel_size: int = 3,
         mean: Sequence[float] | float = 0.0,
         std: Sequence[float] | float = 1.0,
-        conv_impl: str = "patches",
+        conv_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         """See the class docstring; `conv_impl` is "patches" (k*k shifted slices + one matmul,
-        fast on CPU, especially inside the attacks' while loops) or "xla" (lax.conv, cuDNN on
-        GPU). Both compute the same function with the same parameters."""
+        fast on CPU, especially inside the attacks' while loops), "xla" (lax.conv, cuDNN on
+        GPU) or "auto" (by backend at trace time, `ops.resolve_impl`). All compute the same
+        function with the same parameters."""
         if conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
         self.conv_impl = conv_impl
@@ -79,7 +80,7 @@ class BPCNN(nnx.Module):
         ops.check_images(x, self.in_shape, "BPCNN")
         h = ops.normalize(x, self.mean.value, self.std.value)
         for conv, norm, p in zip(self.convs, self.norms, self.paddings):
-            if self.conv_impl == "patches":
+            if ops.resolve_impl("conv", self.conv_impl) == "patches":
                 h = ops.conv(h, conv.kernel.get_value(), p, "patches") + conv.bias.get_value()
             else:
                 h = conv(h)
@@ -110,7 +111,7 @@ def build_bp_cnn(m, data, rngs: nnx.Rngs) -> BPCNN:
         kernel_size=int(m.get("kernel_size", 3)),
         mean=data.mean,
         std=data.std,
-        conv_impl=m.get("conv", "patches"),
+        conv_impl=m.get("conv", "auto"),
         rngs=rngs,
     )
 

@@ -36,8 +36,8 @@ class EPStudent(nnx.Module):
         activation: str = "my_hard_sig",
         mean: Sequence[float] | float = 0.0,
         std: Sequence[float] | float = 1.0,
-        conv: str = "patches",
-        pool: str = "reshape",
+        conv: str = "auto",
+        pool: str = "auto",
         rngs: nnx.Rngs,
     ):
         """See the class docstring; `conv`/`pool` pick the formulations of `eqrobust.energy`."""
@@ -112,7 +112,7 @@ def build_ep_student(m, data, rngs: nnx.Rngs) -> EPStudent:
         activation=m.get("activation", "my_hard_sig"),
         mean=mean,
         std=std,
-        conv=m.get("conv", "patches"),
-        pool=m.get("pool", "reshape"),
+        conv=m.get("conv", "auto"),
+        pool=m.get("pool", "auto"),
         rngs=rngs,
     )
