@@ -1,9 +1,11 @@
 """Free-phase speed: our JAX EP-CNN (one XLA program) vs a PyTorch autograd-of-Phi loop.
 
-Run (one invocation, both frameworks, same shapes, same machine, same weights):
+Run (one invocation, both frameworks, same shapes, same machine, same weights; the fair protocol
+of benchmarks/fair.py: PyTorch at 1 and 2 threads, alternating runs, medians, load):
 
-    .venv/bin/python benchmarks/ep_free_phase.py --net=cpu --batch=64 --steps=15
-    .venv/bin/python benchmarks/ep_free_phase.py --net=paper --batch=4 --steps=10
+    .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --train
+    .venv/bin/python -m benchmarks.ep_free_phase --net=paper --batch=4 --steps=10
+    .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --xla_threads=1
 
 On a trained model (accuracy along the free phase; f-evals of convergence stopping, Anderson and
 Broyden to match the 250-step Picard prediction):
@@ -25,13 +27,20 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import time
 
+from benchmarks import fair
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # XLA's thread pool is fixed when jax starts
+    _xt = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--xla_threads=")]
+    fair.xla_threads(int(_xt[-1]) if _xt else None)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.torch_ep import TorchEP  # noqa: E402
@@ -105,8 +114,9 @@ def matmul_rate() -> float:
     return 2.0 * n**3 / t
 
 
-def run(net: str, batch: int, steps: int, repeats: int, threads: int) -> None:
-    torch.set_num_threads(threads)
+def run(net: str, batch: int, steps: int, repeats: int, threads: list[int]) -> None:
+    """Free phase, fair protocol (benchmarks/fair.py): PyTorch at each thread count in
+    `threads` and our variants alternate; medians, spreads, load; best vs best."""
     cfg = NETS[net]
     params = ep.init(jax.random.PRNGKey(0), cfg)
     x = np.random.default_rng(0).uniform(size=(batch, *cfg.in_shape)).astype(np.float32)
@@ -127,21 +137,63 @@ def run(net: str, batch: int, steps: int, repeats: int, threads: int) -> None:
     flops = step_flops(cfg, batch)
     peak = matmul_rate()
     print(
-        f"\n== {net} network {cfg.channels} paddings {cfg.paddings}, input {cfg.in_shape}, "
-        f"batch {batch}, {steps} steps; {flops / 1e9:.3f} GFLOP/step; "
+        f"\n== free phase, {net} network {cfg.channels} paddings {cfg.paddings}, input "
+        f"{cfg.in_shape}, batch {batch}, {steps} steps; {flops / 1e9:.3f} GFLOP/step; "
         f"in-process matmul rate {peak / 1e9:.1f} GFLOP/s; JAX vs PyTorch max |s| diff {diff:.2e}"
     )
-    t_torch = _time(lambda: tep.free_phase(xt, steps), repeats) / steps
-    rows = {"pytorch autograd-of-Phi loop": t_torch}
-    for label, fn in jax_variants(params, xj, cfg, steps).items():
-        rows[label] = _time(fn, repeats) / steps
-    base = rows[DEFAULT]
-    for label, t in rows.items():
-        print(
-            f"  {label:66s} {1 / t:8.1f} steps/s  {t * 1e3:8.2f} ms/step  "
-            f"torch/this {t_torch / t:5.2f}  FLOP-floor fraction {flops / t / peak:5.3f}"
+    fns = {}
+    for n in threads:
+        fns[f"pytorch autograd-of-Phi loop, {n} thread(s)"] = lambda n=n: (
+            torch.set_num_threads(n),
+            tep.free_phase(xt, steps),
         )
-    print(f"  ratio JAX (default) / PyTorch speed: {t_torch / base:.2f}x")
+    fns.update(jax_variants(params, xj, cfg, steps))
+    res = fair.alternate(fns, repeats)
+    for label, t in res.items():
+        print(
+            f"  {label:70s} {steps / t.median:8.1f} steps/s  {t.fmt(per=steps)}/step  "
+            f"FLOP-floor fraction {flops * steps / t.median / peak:5.3f}"
+        )
+    print("  " + fair.ratio_line(fair.best(res, "jax"), fair.best(res, "pytorch")))
+
+
+def run_training(net: str, batch: int, t1: int, t2: int, repeats: int, threads: list[int]):
+    """EP training step (free + two nudged phases + EP gradient + SGD), fair protocol."""
+    cfg = NETS[net]
+    epc = ep.EPConfig(energy=cfg, t1=t1, t2=t2, beta=0.5)
+    params = ep.init(jax.random.PRNGKey(0), cfg)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(batch, *cfg.in_shape)).astype(np.float32)
+    y = rng.integers(0, cfg.num_classes, batch).astype(np.int32)
+    lrs = (0.2, 0.1, 0.05, 0.05, 0.05)[: len(params)]
+    tx = optax.multi_transform(
+        {f"l{i}": optax.chain(optax.add_decayed_weights(3e-4), optax.sgd(lr, momentum=0.9))
+         for i, lr in enumerate(lrs)},
+        tuple(energy.Layer(f"l{i}", f"l{i}") for i in range(len(params))),
+    )  # fmt: skip
+
+    @jax.jit
+    def step(p, opt, x, y):
+        grads, _ = ep.ep_gradient(p, x, y, epc)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt
+
+    opt = tx.init(params)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    yt = torch.from_numpy(y).long()
+    tep = TorchEP(params, cfg)
+    fns = {"jax training step (one XLA program)": lambda: jax.block_until_ready(
+        step(params, opt, x, y))}  # fmt: skip
+    for n in threads:
+        fns[f"pytorch training step, {n} thread(s)"] = lambda n=n: (
+            torch.set_num_threads(n),
+            tep.train_step(xt, yt, t1, t2, 0.5, lrs),
+        )
+    res = fair.alternate(fns, repeats)
+    print(f"\n== EP training step, {net} network, batch {batch}, T1={t1} T2={t2}")
+    for label, t in res.items():
+        print(f"  {label:50s} {batch / t.median:8.1f} images/s  {t.fmt()}/step")
+    print("  " + fair.ratio_line(fair.best(res, "jax"), fair.best(res, "pytorch")))
 
 
 def convergence_study(config_name: str, workdir: str, num: int, batch: int, t_ref: int) -> None:
@@ -213,8 +265,11 @@ def main() -> None:
     ap.add_argument("--net", choices=sorted(NETS), action="append")
     ap.add_argument("--batch", type=int, action="append")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="alternating rounds (median)")
+    ap.add_argument("--threads", default="1,2", help="PyTorch thread counts to try")
+    ap.add_argument("--xla_threads", type=int, help="1: XLA:CPU on one thread (default: all)")
+    ap.add_argument("--train", action="store_true", help="also the EP training step")
+    ap.add_argument("--t2", type=int, default=6, help="nudged steps of the training step")
     ap.add_argument("--workdir", help="trained EP run: run the convergence study on it instead")
     ap.add_argument("--config", default="cpu", help="ep_cnn.py scale of --workdir")
     ap.add_argument("--num", type=int, default=2000, help="test images for the study")
@@ -227,9 +282,15 @@ def main() -> None:
     batches = a.batch or [128 if n == "cpu" else 4 for n in nets]
     if len(batches) != len(nets):
         raise ValueError("give one --batch per --net (or none)")
-    print(f"jax {jax.__version__}, torch {torch.__version__}, torch threads {a.threads}")
+    threads = [int(t) for t in a.threads.split(",")]
+    print(
+        f"jax {jax.__version__} (XLA threads: {a.xla_threads or 'default'}), torch "
+        f"{torch.__version__} (threads tried: {threads}); load {os.getloadavg()[0]:.1f}"
+    )
     for n, b in zip(nets, batches, strict=True):
-        run(n, b, a.steps, a.repeats, a.threads)
+        run(n, b, a.steps, a.repeats, threads)
+        if a.train:
+            run_training(n, b, a.steps, a.t2, a.repeats, threads)
 
 
 if __name__ == "__main__":

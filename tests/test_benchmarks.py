@@ -33,3 +33,19 @@ def test_gpu_benchmark_without_torch(monkeypatch, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert any("skipped: No module named 'torch'" in r["note"] for r in rows)
     assert any(r["what"].startswith("JAX float32 vs float64") for r in rows)
+
+
+def test_fair_protocol_alternates_and_flags_overlapping_spreads():
+    from benchmarks import fair
+
+    order = []
+    res = fair.alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3)
+    assert order == ["a", "b"] * 4  # one warm-up each, then strictly alternating rounds
+    assert all(t.n == 3 and t.low <= t.median <= t.high for t in res.values())
+    slow = fair.Timing(2.0, 1.9, 2.1, 0.0, 3)
+    fast = fair.Timing(1.0, 0.9, 1.1, 0.0, 3)
+    line = fair.ratio_line(("ours", fast), ("ref", slow))
+    assert line.startswith("ratio 2.00x") and "overlap" not in line
+    close = fair.Timing(1.8, 1.0, 2.2, 0.0, 3)
+    assert "not a result" in fair.ratio_line(("ours", close), ("ref", slow))
+    assert fair.best({"jax x": slow, "jax y": fast, "torch": close}, "jax")[0] == "jax y"
