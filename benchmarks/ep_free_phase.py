@@ -3,7 +3,7 @@
 Run (one invocation, both frameworks, same shapes, same machine, same weights; the fair protocol
 of benchmarks/fair.py: PyTorch at 1 and 2 threads, alternating runs, medians, load):
 
-    .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --train
+    .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --train --pgd
     .venv/bin/python -m benchmarks.ep_free_phase --net=paper --batch=4 --steps=10
     .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --xla_threads=1
 
@@ -44,7 +44,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.torch_ep import TorchEP  # noqa: E402
-from eqrobust import energy, ep  # noqa: E402
+from eqrobust import attacks, energy, ep  # noqa: E402
 from eqrobust.energy import EnergyConfig, step_flops  # noqa: E402
 
 NETS = {
@@ -196,6 +196,40 @@ def run_training(net: str, batch: int, t1: int, t2: int, repeats: int, threads: 
     print("  " + fair.ratio_line(fair.best(res, "jax"), fair.best(res, "pytorch")))
 
 
+def run_pgd(net: str, batch: int, steps: int, repeats: int, threads: list[int]) -> None:
+    """PGD-20 (Linf) through the EP-CNN's `steps`-step free phase with the exact (BPTT) gradient:
+    ours vs torchattacks' PGD on the PyTorch EP model, same weights and images. Labels are the
+    model's predictions and eps is tiny, so every image uses all 20 steps on both sides."""
+    import torchattacks  # the bench extra
+
+    cfg = NETS[net]
+    epc = ep.EPConfig(energy=cfg, t1=steps)
+    params = ep.init(jax.random.PRNGKey(0), cfg, scale=2.0)  # image-dependent logits
+    x = np.random.default_rng(0).uniform(size=(batch, *cfg.in_shape)).astype(np.float32)
+    clf = ep.classifier(params, epc)
+    y = np.asarray(jnp.argmax(jax.jit(clf.logits_fn)(x), -1))
+    key, eps = jax.random.PRNGKey(0), 1e-5
+    tm = TorchEP(params, cfg).classifier(steps).eval()
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    yt = torch.from_numpy(y).long()
+    atk = torchattacks.PGD(tm, eps=eps, alpha=eps / 8, steps=20)
+
+    def ours():
+        return jax.block_until_ready(attacks.pgd(clf.logits_fn, x, y, key=key, eps=eps).x_adv)
+
+    fns = {"jax PGD-20 (exact BPTT, remat)": ours}
+    for n in threads:
+        fns[f"torchattacks PGD-20, {n} thread(s)"] = lambda n=n: (
+            torch.set_num_threads(n),
+            atk(xt, yt),
+        )
+    res = fair.alternate(fns, repeats)
+    print(f"\n== PGD-20 through the free phase, {net} network, batch {batch}, T={steps}")
+    for label, t in res.items():
+        print(f"  {label:50s} {batch / t.median:8.1f} images/s  {t.fmt()}/attack")
+    print("  " + fair.ratio_line(fair.best(res, "jax"), fair.best(res, "torchattacks")))
+
+
 def convergence_study(config_name: str, workdir: str, num: int, batch: int, t_ref: int) -> None:
     """On a trained model: test accuracy along the free phase, and the energy-gradient
     evaluations convergence stopping / Anderson / Broyden need to match the t_ref-step Picard
@@ -269,6 +303,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="PyTorch thread counts to try")
     ap.add_argument("--xla_threads", type=int, help="1: XLA:CPU on one thread (default: all)")
     ap.add_argument("--train", action="store_true", help="also the EP training step")
+    ap.add_argument("--pgd", action="store_true", help="also PGD-20 vs torchattacks")
     ap.add_argument("--t2", type=int, default=6, help="nudged steps of the training step")
     ap.add_argument("--workdir", help="trained EP run: run the convergence study on it instead")
     ap.add_argument("--config", default="cpu", help="ep_cnn.py scale of --workdir")
@@ -291,6 +326,8 @@ def main() -> None:
         run(n, b, a.steps, a.repeats, threads)
         if a.train:
             run_training(n, b, a.steps, a.t2, a.repeats, threads)
+        if a.pgd:
+            run_pgd(n, b, a.steps, a.repeats, threads)
 
 
 if __name__ == "__main__":
