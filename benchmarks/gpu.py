@@ -33,7 +33,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -48,6 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import fair
 from eqrobust import attacks, energy, ep, models
 from eqrobust import data as data_lib
 from eqrobust.configs import bp_cnn as bp_cnn_config
@@ -132,23 +132,13 @@ def _sync(out) -> None:
 
 
 def bench(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, str]]:
-    """Warms each fn up once, then runs them in alternation `repeats` times.
+    """`fair.alternate` (warm-up, alternating rounds) with device synchronisation.
 
     Returns:
-        name -> (median seconds, "[min-max]" spread string).
+        name -> (median seconds, "[min-max s, n=...]" spread string).
     """
-    for fn in fns.values():
-        _sync(fn())
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            _sync(fn())
-            times[name].append(time.perf_counter() - t)
-    return {
-        k: (statistics.median(v), f"[{min(v):.4g}-{max(v):.4g} s, n={len(v)}]")
-        for k, v in times.items()
-    }
+    res = fair.alternate({k: (lambda f=f: _sync(f())) for k, f in fns.items()}, repeats)
+    return {k: (t.median, f"[{t.low:.4g}-{t.high:.4g} s, n={t.n}]") for k, t in res.items()}
 
 
 def torch_mode(mode: str, deterministic: bool = False) -> None:
