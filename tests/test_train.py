@@ -63,6 +63,36 @@ def test_resume_equivalence_and_determinism(tmp_path):
         np.testing.assert_array_equal(p, q)
 
 
+def test_epoch_hook_keeps_one_compiled_step_and_records_its_rows(tmp_path):
+    from eqrobust import data as data_lib
+
+    ds = data_lib.synthetic(num_train=24, num_test=8, shape=(4, 4, 1), num_classes=3)
+    cfg = smoke_config(num_epochs=3, batch_size=8, eval_every_epochs=10**9, log_every_steps=1)
+    traces, calls = [], []
+
+    def train_step(state, x, y, key):
+        traces.append(1)  # runs once per compilation (tracing), not per step
+        return {"w": state["w"] + jnp.mean(x)}, {"loss": jnp.mean(x)}
+
+    def hook(step, state):
+        calls.append(step)
+        return {"val_w": float(state["w"])}
+
+    def logits(state, x):
+        return x.reshape(len(x), -1)[:, :3]
+
+    def run(**kw):
+        kw.update(config=cfg, workdir=tmp_path, data=ds, init_state={"w": jnp.zeros(())})
+        return loop.fit(train_step=train_step, eval_logits=logits, on_epoch_end=hook, **kw)
+
+    run(stop_at_step=4)  # interrupted mid-epoch 2: one hook row (step 3)
+    res = run()
+    assert calls == [3, 6, 9] and len(traces) == 2  # one compilation per fit call
+    rows = [r for r in res.history if "val_w" in r]
+    assert [r["step"] for r in rows] == [3, 6, 9] and rows[-1]["epoch"] == 3.0
+    assert rows[-1]["val_w"] == pytest.approx(float(res.state["w"]))
+
+
 def test_nan_loss_stops_with_message(tmp_path):
     cfg = smoke_config(num_epochs=1)
     cfg.optimizer.lr = 1e30

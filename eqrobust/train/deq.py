@@ -318,47 +318,42 @@ def train(
     fit_cfg.data_dir = config.get("data_dir", None)
     fit_cfg.eval_every_epochs = 10**9  # fit measures test accuracy only at the end
     fit_cfg.num_steps = total
-    metrics_path = wd / "metrics.jsonl" if wd is not None else None
     best_path = wd / "best.json" if wd is not None else None
     best = (
         json.loads(best_path.read_text()) if best_path is not None and best_path.exists() else None
     )
-    best_state = None
+    selected: dict = {}  # the best state when nothing is saved (workdir None)
     ckptr = ocp.StandardCheckpointer() if wd is not None else None
-    end = total if stop_at_step is None else min(total, int(stop_at_step))
-    state, history, step = init_state, [], 0
-    while True:
-        target = min((step // spe + 1) * spe, end)
-        result = fit(
-            config=fit_cfg,
-            workdir=wd,
-            data=ds,
-            init_state=init_state,
-            train_step=train_step,
-            eval_logits=eval_logits,
-            stop_at_step=target,
-        )
-        state, history, step = result.state, result.history, result.step
-        have = {r["step"] for r in history if "val_clean_accuracy" in r}
-        if (step % spe == 0 or step == total) and step not in have and step > 0:
-            row = {"step": step, "epoch": step / spe, **validate(state)}
-            history.append(row)
-            if metrics_path is not None:
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-            logging.info("validation: %s", row)
-            print(json.dumps(row), flush=True)
-            if best is None or row[select_key] > best[select_key]:
-                best = {"step": step, "epoch": row["epoch"], select_key: row[select_key]}
-                sel = {"params": state["params"], "rest": state["rest"]}
-                if wd is not None:
-                    ckptr.save((wd / "best").absolute(), sel, force=True)
-                    ckptr.wait_until_finished()
-                    best_path.write_text(json.dumps(best))
-                else:
-                    best_state = jax.device_get(sel)
-        if step >= end:
-            break
+
+    def validate_and_select(step: int, state: dict) -> dict:
+        nonlocal best
+        row = validate(state)
+        logging.info("validation at step %d: %s", step, row)
+        print(json.dumps({"step": step, **row}), flush=True)
+        if best is None or row[select_key] > best[select_key]:
+            best = {"step": step, "epoch": step / spe, select_key: row[select_key]}
+            sel = {"params": state["params"], "rest": state["rest"]}
+            if wd is not None:
+                ckptr.save((wd / "best").absolute(), sel, force=True)
+                ckptr.wait_until_finished()
+                best_path.write_text(json.dumps(best))
+            else:
+                selected["state"] = jax.device_get(sel)
+        return row
+
+    # One fit call: the training step compiles once for the whole run.
+    result = fit(
+        config=fit_cfg,
+        workdir=wd,
+        data=ds,
+        init_state=init_state,
+        train_step=train_step,
+        eval_logits=eval_logits,
+        stop_at_step=stop_at_step,
+        on_epoch_end=validate_and_select,
+    )
+    state, history, step = result.state, result.history, result.step
+    best_state = selected.get("state")
 
     sel = {"params": state["params"], "rest": state["rest"]}
     if best_state is not None:

@@ -22,6 +22,8 @@ from eqrobust import data as data_lib
 
 TrainStep = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[Any, dict[str, jax.Array]]]
 EvalLogits = Callable[[Any, jax.Array], jax.Array]
+# (step, state) -> extra metrics recorded in their own metrics.jsonl row, e.g. validation.
+EpochHook = Callable[[int, Any], dict]
 
 
 class FitResult(NamedTuple):
@@ -194,6 +196,7 @@ def fit(
     train_step: TrainStep,
     eval_logits: EvalLogits,
     stop_at_step: int | None = None,
+    on_epoch_end: EpochHook | None = None,
 ) -> FitResult:
     """Trains `init_state` with `train_step`, resuming from the latest checkpoint in workdir.
 
@@ -208,6 +211,11 @@ def fit(
         train_step: (state, x [B,H,W,C] float in [0,1] augmented, y [B], key) -> (state, metrics).
         eval_logits: (state, x) -> logits [B, K], used for test accuracy.
         stop_at_step: stop (and checkpoint) once this step is reached, as if interrupted.
+        on_epoch_end: called with (step, state) at the end of every epoch and at the last step
+            (not at an interruption), before that step's checkpoint; the dict it returns is
+            recorded as a row {"step", "epoch", **dict} of the history and metrics.jsonl. The
+            training step stays one compiled program across epochs (validation, model
+            selection and the like go here, not in a loop around `fit`).
 
     Returns:
         FitResult. A run whose final step is already checkpointed restores it and returns at once.
@@ -272,6 +280,8 @@ def fit(
                     f"{row['test_accuracy']:.4f}, train loss {row.get('train_loss', 0):.4f}"
                 )
                 sums, count = {}, 0
+            if on_epoch_end is not None and (last_of_epoch or step == total):
+                store.record({"step": step, "epoch": step / spe, **on_epoch_end(step, state)})
             if step % ckpt_every == 0 or step == end:
                 store.save(step, state)
             if step >= end:
