@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from eqrobust import energy, solvers
+from eqrobust import energy, ops, solvers
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.energy import EnergyConfig, Layer, Params, States
 
@@ -274,8 +274,8 @@ def ep_gradient(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}.")
     x = jnp.asarray(x, params[0].w.dtype)
-    y = jnp.asarray(y, jnp.int32)
     cfg = config.energy
+    y = ops.check_labels(y, x.shape[0], cfg.num_classes, who="ep_gradient")
     sol = free_phase(jax.lax.stop_gradient(params), x, config)
     s_star = jax.lax.stop_gradient(sol.z)
     beta = jnp.asarray(config.beta if beta is None else beta, x.dtype)

@@ -148,6 +148,35 @@ def _image_stats(x: Array) -> tuple[Array, Array, Array]:
     return jnp.sum(~finite), lo, hi
 
 
+def check_labels(
+    y: ArrayLike, batch: int, num_classes: int | None = None, who: str = "model"
+) -> Array:
+    """Validates a batch of class labels at a public boundary; returns them as int32.
+
+    Checks: shape [batch], an integer dtype, and on concrete (non-traced) arrays every label in
+    [0, num_classes) (or >= 0 when num_classes is None). An out-of-range label would otherwise
+    be read as "misclassified" or clipped silently by one_hot / take_along_axis.
+
+    Raises:
+        ValueError: naming the offending labels.
+    """
+    y = jnp.asarray(y)
+    if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(
+            f"{who} expects int labels [B] = [{batch}], got shape {tuple(y.shape)} dtype {y.dtype}"
+        )
+    if not isinstance(y, jax.core.Tracer) and y.size:
+        with jax.ensure_compile_time_eval():
+            lo, hi = (int(v) for v in jax.device_get((jnp.min(y), jnp.max(y))))
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            k = "?" if num_classes is None else num_classes
+            raise ValueError(
+                f"{who} got labels in [{lo}, {hi}]; labels must be in [0, {k})"
+                + (f" for this {num_classes}-class model" if num_classes is not None else "")
+            )
+    return y.astype(jnp.int32)
+
+
 def check_images(x: ArrayLike, in_shape: Sequence[int] | None = None, who: str = "model") -> Array:
     """Validates a batch of images at a public boundary and returns it as a jax array.
 

@@ -53,22 +53,38 @@ def logits(logits_fn: LogitsFn, x: jax.Array) -> jax.Array:
     return _apply(as_pytree_fn(logits_fn), x)
 
 
-def check_inputs(x: jax.Array, y: jax.Array, who: str) -> tuple[jax.Array, jax.Array]:
+def num_classes(logits_fn: LogitsFn, x: jax.Array) -> int:
+    """K of `logits_fn` on images like x, by shape inference (no computation). Cached per
+    program, parameter shapes and image shape, so the attacks' repeated calls trace it once."""
+    fn = as_pytree_fn(logits_fn)
+    leaves = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(fn))
+    key = (fn.func, leaves, tuple(x.shape[1:]), str(x.dtype))
+    if key not in _NUM_CLASSES:
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+        _NUM_CLASSES[key] = int(out.shape[-1])
+    return _NUM_CLASSES[key]
+
+
+_NUM_CLASSES: dict = {}
+
+
+def check_inputs(
+    x: jax.Array, y: jax.Array, who: str, logits_fn: LogitsFn | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Validates an attack's batch and returns (x float, y int32).
 
     Args:
-        x: [B, H, W, C] float images in [0, 1].
-        y: [B] int labels.
+        x: [B, H, W, C] float images in [0, 1], B >= 1.
+        y: [B] int labels, in [0, K) where K is the classifier's number of classes (checked
+            when logits_fn is given and y is concrete).
         who: the attack's name for error messages.
+        logits_fn: the attacked classifier.
     """
     x = ops.check_images(x, who=who)
-    y = jnp.asarray(y)
-    if y.shape != (x.shape[0],) or not jnp.issubdtype(y.dtype, jnp.integer):
-        raise ValueError(
-            f"{who} expects int labels [B] = [{x.shape[0]}], "
-            f"got shape {tuple(y.shape)} dtype {y.dtype}"
-        )
-    return x, y.astype(jnp.int32)
+    if x.shape[0] == 0:
+        raise ValueError(f"{who} got an empty batch (0 images); pass at least one image")
+    k = None if logits_fn is None else num_classes(logits_fn, x)
+    return x, ops.check_labels(y, x.shape[0], k, who=who)
 
 
 def check_norm(norm: str, who: str) -> str:

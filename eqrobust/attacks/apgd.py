@@ -204,7 +204,7 @@ def apgd(
     Returns:
         AttackResult; iterations are summed over runs.
     """
-    x, y = C.check_inputs(x, y, "apgd")
+    x, y = C.check_inputs(x, y, "apgd", logits_fn)
     norm = C.check_norm(norm, "apgd")
     C.check_eps(eps, "apgd")
     if loss not in ("ce", "dlr"):

@@ -135,7 +135,7 @@ def autoattack(
     """
     if version != "standard":
         raise ValueError(f"autoattack: only version='standard' is implemented, got {version!r}")
-    x, y = C.check_inputs(x, y, "autoattack")
+    x, y = C.check_inputs(x, y, "autoattack", logits_fn)
     norm = C.check_norm(norm, "autoattack")
     C.check_eps(eps, "autoattack")
     k = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[-1]

@@ -154,7 +154,7 @@ def cw_l2(
         CWResult with x_adv, success, iterations and the L2 distance.
     """
     del key
-    x, y = C.check_inputs(x, y, "cw_l2")
+    x, y = C.check_inputs(x, y, "cw_l2", logits_fn)
     if steps < 1 or binary_search_steps < 1:
         raise ValueError(
             f"cw_l2: steps and binary_search_steps must be >= 1, got {steps}, {binary_search_steps}"

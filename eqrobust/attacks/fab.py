@@ -260,7 +260,7 @@ def fab(
     Returns:
         AttackResult; x_adv is the closest adversarial found where successful, else x.
     """
-    x, y = C.check_inputs(x, y, "fab")
+    x, y = C.check_inputs(x, y, "fab", logits_fn)
     norm = C.check_norm(norm, "fab")
     C.check_eps(eps, "fab")
     if steps < 1 or restarts < 1:

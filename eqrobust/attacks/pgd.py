@@ -120,7 +120,7 @@ def pgd(
         AttackResult with x_adv [B, H, W, C], success [B] (misclassified at x_adv) and
         iterations [B] (gradient steps spent, summed over restarts).
     """
-    x, y = C.check_inputs(x, y, "pgd")
+    x, y = C.check_inputs(x, y, "pgd", logits_fn)
     norm = C.check_norm(norm, "pgd")
     C.check_eps(eps, "pgd")
     if steps < 1 or restarts < 1:

@@ -254,7 +254,7 @@ def square(
     Returns:
         SquareResult with x_adv, success and per-example queries.
     """
-    x, y = C.check_inputs(x, y, "square")
+    x, y = C.check_inputs(x, y, "square", logits_fn)
     norm = C.check_norm(norm, "square")
     C.check_eps(eps, "square")
     if queries < 1:

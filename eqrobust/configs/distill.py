@@ -54,8 +54,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.scale, c.variant, c.seed = scale, variant, 0
     c.teacher = teacher
     c.teacher_workdir = {"smoke": None, "cpu": "runs/ep_cnn", "paper": "runs/ep_cnn_paper"}[scale]
-    for k in ("dataset", "data_dir", "dataset_options", "num_train", "num_test"):
+    for k in ("dataset", "dataset_options", "num_train", "num_test"):
         c[k] = teacher[k]  # the student sees the teacher's data
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # settable: --config.data_dir=PATH
+    c.data_dir = teacher.get("data_dir", None)
     tm = teacher.model
     c.model = ml_collections.ConfigDict(
         dict(
@@ -125,7 +127,7 @@ def study_entries(
         c.teacher = teacher_config
         c.teacher_workdir = teacher_workdir
         for k in ("dataset", "data_dir", "dataset_options", "num_train", "num_test"):
-            c[k] = teacher_config[k]
+            c[k] = teacher_config.get(k, None)
         out[c.name] = (c, f"{study_workdir}/distill_{variant}")
     for name, module in (("ResNet-18", resnet18), ("ViT", vit)):
         c = module.get_config(scale)

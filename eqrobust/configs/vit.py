@@ -30,7 +30,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.scale = scale
     c.seed = 0
     c.dataset = "fashion_mnist"
-    c.data_dir = None
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # settable: --config.data_dir=PATH
     c.dataset_options = ml_collections.ConfigDict()
     c.num_train = ml_collections.config_dict.placeholder(int)
     c.num_test = ml_collections.config_dict.placeholder(int)

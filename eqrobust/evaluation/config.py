@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Any
+
 import ml_collections
 
 
@@ -76,3 +79,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.gallery.eps = 1.0  # in the PGD-L2 grid: the gallery reuses that run
     c.gallery.steps = ml_collections.FieldReference(None, field_type=int)  # None: attack's steps
     return c
+
+
+def _keys(c: Any, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in dict(c).items():
+        out.add(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict | dict):
+            out |= _keys(v, f"{prefix}{k}.")
+    return out
+
+
+def check_config(config: Any) -> None:
+    """Raises ValueError for evaluation-config keys that `default_config()` does not have (a
+    misspelt key would otherwise be ignored and its default used) and for a batch_size < 1."""
+    known = _keys(default_config())
+    unknown = sorted(_keys(config) - known)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        msg = ", ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()
+        )
+        raise ValueError(f"unknown evaluation config key(s): {msg}")
+    bs = config.get("batch_size", 1)
+    if not (isinstance(bs, int) and bs >= 1):
+        raise ValueError(f"evaluation batch_size must be an int >= 1, got {bs!r}")

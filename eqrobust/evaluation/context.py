@@ -46,16 +46,22 @@ def gradient_info(classifier: Classifier) -> GradientInfo:
     )
 
 
-def check_data(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Test images as float32 in [0, 1] (uint8 is divided by 255) and int32 labels [N]."""
+def check_data(
+    x: np.ndarray, y: np.ndarray, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Test images as float32 in [0, 1] (uint8 is divided by 255) and int32 labels [N] in
+    [0, num_classes); at least one example."""
     x = np.asarray(x)
     y = np.asarray(y)
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     x = x.astype(np.float32)
     ops.check_images(x, who="evaluation")
+    if len(x) == 0:
+        raise ValueError("evaluation got an empty test set (0 images)")
     if y.shape != (len(x),):
         raise ValueError(f"y must be [N] labels matching x, got {y.shape} for {len(x)} images")
+    ops.check_labels(y, len(x), num_classes, who="evaluation")
     return x, y.astype(np.int32)
 
 

@@ -7,12 +7,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from eqrobust.attacks._common import num_classes
 from eqrobust.classifier import Classifier
 from eqrobust.evaluation import health, stages
-from eqrobust.evaluation.config import default_config
+from eqrobust.evaluation.config import check_config, default_config
 from eqrobust.evaluation.context import Context, check_data, gradient_info
 from eqrobust.results import ModelResult, StudyResults
 
@@ -26,7 +28,9 @@ def make_context(
 ) -> Context:
     """The examples of one evaluation: a fixed permutation of the test split (seeded by
     `config.seed`), its prefix of `config.num_examples`; every stage's subset is a prefix of it."""
-    x_test, y_test = check_data(x_test, y_test)
+    check_config(config)
+    k = num_classes(classifier.logits_fn, jnp.asarray(x_test[:1], jnp.float32))
+    x_test, y_test = check_data(x_test, y_test, k)
     total = len(x_test)
     order = np.random.default_rng(config.seed).permutation(total)
     n = config.num_examples
