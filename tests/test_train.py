@@ -167,3 +167,34 @@ def test_binary_smoke_and_resume(tmp_path):
         ROOT,
     )
     assert bad.returncode != 0 and "lrr" in bad.stderr
+
+
+def test_changed_config_of_a_finished_run_is_refused_naming_fields(tmp_path):
+    cfg = smoke_config(num_epochs=1)
+    supervised.train(cfg, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == cfg.optimizer.lr
+    changed = smoke_config(num_epochs=1, log_every_steps=3)  # logging only: still loads
+    supervised.train(changed, tmp_path)
+    changed.optimizer.lr = 0.5
+    with pytest.raises(ValueError, match=r"optimizer.lr: 0.05 -> 0.5.*new --workdir"):
+        supervised.train(changed, tmp_path)
+    changed.force_retrain = True
+    again = supervised.train(changed, tmp_path)  # trains anew with the new config
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 0.5
+    assert again.history[-1]["step"] == 16
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    cfg = smoke_config(num_epochs=1, checkpoint_every_steps=4, keep_checkpoints=3)
+    supervised.train(cfg, tmp_path, stop_at_step=8)  # checkpoints at steps 4 and 8
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [4, 8]
+    for f in (ckpts / "8").rglob("*"):  # corrupt every file of the latest checkpoint
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    straight = supervised.train(cfg, tmp_path / "straight")
+    resumed = supervised.train(cfg, tmp_path)
+    cap = capsys.readouterr()
+    assert "WARNING: checkpoint at step 8" in cap.out + cap.err
+    for p, q in zip(_leaves(straight.state), _leaves(resumed.state)):
+        np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-6)

@@ -57,6 +57,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     for k in ("dataset", "dataset_options", "num_train", "num_test"):
         c[k] = teacher[k]  # the student sees the teacher's data
     c.data_dir = ml_collections.config_dict.placeholder(str)  # settable: --config.data_dir=PATH
+    c.force_retrain = False  # True: discard a finished/partial run whose config differs
     c.data_dir = teacher.get("data_dir", None)
     tm = teacher.model
     c.model = ml_collections.ConfigDict(

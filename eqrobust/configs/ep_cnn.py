@@ -32,6 +32,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.seed = 0
     c.dataset = "fashion_mnist"
     c.data_dir = ml_collections.config_dict.placeholder(str)  # settable: --config.data_dir=PATH
+    c.force_retrain = False  # True: discard a finished/partial run whose config differs
     c.dataset_options = ml_collections.ConfigDict()
     c.num_train = ml_collections.config_dict.placeholder(int)  # None: all; int: a subset
     c.num_test = ml_collections.config_dict.placeholder(int)

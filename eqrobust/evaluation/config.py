@@ -85,7 +85,8 @@ def _keys(c: Any, prefix: str = "") -> set[str]:
     out = set()
     for k, v in dict(c).items():
         out.add(prefix + k)
-        if isinstance(v, ml_collections.ConfigDict | dict):
+        # An attack's `settings` are its keyword arguments: the attack checks those itself.
+        if isinstance(v, ml_collections.ConfigDict | dict) and k != "settings":
             out |= _keys(v, f"{prefix}{k}.")
     return out
 

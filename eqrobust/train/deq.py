@@ -319,6 +319,8 @@ def train(
     fit_cfg.eval_every_epochs = 10**9  # fit measures test accuracy only at the end
     fit_cfg.num_steps = total
     best_path = wd / "best.json" if wd is not None else None
+    if wd is not None and config.get("force_retrain", False):  # fit discards the run itself
+        best_path.unlink(missing_ok=True)
     best = (
         json.loads(best_path.read_text()) if best_path is not None and best_path.exists() else None
     )

@@ -105,6 +105,33 @@ def accuracy(
     return correct / len(x)
 
 
+# Config fields that do not change what is trained (logging, checkpoint cadence, paths, labels).
+_NOT_TRAINING = frozenset(
+    {"name", "log_every_steps", "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
+     "data_dir", "force_retrain", "eval_every_epochs"}
+)  # fmt: skip
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in dict(d).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(stored: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """Training-relevant fields whose value differs between a run's stored config and `config`:
+    'field: stored -> now' strings (fields in _NOT_TRAINING ignored)."""
+    now = _flat(json.loads(json.dumps(config.to_dict(), default=repr)))
+    old = _flat(stored)
+    keys = sorted(k for k in set(now) | set(old) if k.split(".")[0] not in _NOT_TRAINING)
+    return [f"{k}: {old.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in keys
+            if old.get(k, "<absent>") != now.get(k, "<absent>")]  # fmt: skip
+
+
 def _read_history(path: Path, upto_step: int) -> list[dict]:
     if not path.exists():
         return []
@@ -129,6 +156,26 @@ class _Store:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
+    def check_config(self, config: ml_collections.ConfigDict) -> None:
+        """Refuses to resume or load a run trained with a different config (config.json in the
+        workdir, written when the run started); `force_retrain` starts it again instead."""
+        if self.mngr is None:
+            return
+        path = self.workdir / "config.json"
+        if config.get("force_retrain", False) and self.mngr.latest_step() is not None:
+            tqdm.write(f"{self.name}: force_retrain: discarding the run in {self.workdir}")
+            for step in list(self.mngr.all_steps()):
+                self.mngr.delete(step)
+            path.unlink(missing_ok=True)
+        if path.exists() and (changes := config_changes(json.loads(path.read_text()), config)):
+            raise ValueError(
+                f"{self.workdir} holds a run trained with a different config; changed: "
+                + "; ".join(changes)
+                + ". Use a new --workdir, or --config.force_retrain=True to train it again."
+            )
+        if self.mngr.latest_step() is None:
+            path.write_text(json.dumps(config.to_dict(), default=repr, indent=1))
+
     def restore(self, init_state: Any, total: int) -> tuple[Any, int]:
         """(state, step) of the latest checkpoint, or (init_state, 0) for a new run."""
         latest = self.mngr.latest_step() if self.mngr is not None else None
@@ -137,8 +184,7 @@ class _Store:
                 self.metrics_path.write_text("")
             return init_state, 0
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state)
-        state = self.mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        step = int(latest)
+        state, step = self._restore_intact(abstract)
         self.history = _read_history(self.metrics_path, step)
         # Drop records written after the checkpoint by an interrupted run.
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
@@ -146,6 +192,26 @@ class _Store:
         verb = "finished run, loaded" if step >= total else "resuming"
         tqdm.write(f"{self.name}: {verb} from {self.workdir} at step {step} / {total}")
         return state, step
+
+    def _restore_intact(self, abstract: Any) -> tuple[Any, int]:
+        """The newest checkpoint that restores; a corrupt newer one is reported and skipped."""
+        errors = []
+        for step in sorted(self.mngr.all_steps(), reverse=True):
+            try:
+                state = self.mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+            except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a broken step
+                errors.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                tqdm.write(
+                    f"{self.name}: WARNING: checkpoint at step {step} in {self.workdir} cannot be "
+                    f"restored ({errors[-1]}); trying the previous one"
+                )
+                continue
+            return state, int(step)
+        raise RuntimeError(
+            f"no checkpoint in {self.workdir / 'checkpoints'} can be restored: "
+            + "; ".join(errors)
+            + ". Move the folder away (or use a new --workdir) to train from scratch."
+        )
 
     def record(self, row: dict) -> None:
         self.history.append(row)
@@ -234,6 +300,7 @@ def fit(
     eval_every = int(_opt(config, "eval_every_epochs", 1))
     name = str(config.get("name", None) or "train")
     store = _Store(workdir, int(_opt(config, "keep_checkpoints", 2)), name)
+    store.check_config(config)
     state, step = store.restore(init_state, total)
     step_fn = _step_fn(config, train_step)
     eval_jit = jax.jit(eval_logits)
