@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,19 +18,33 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def _execute(
-    nb: nbformat.NotebookNode, workdir: Path, monkeypatch: pytest.MonkeyPatch, timeout: int = 300
+    nb: nbformat.NotebookNode,
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    cwd: Path = ROOT,
+    timeout: int = 300,
 ) -> None:
     """Runs every cell in a fresh kernel of this interpreter (ipykernel's built-in "python3" spec,
-    so no kernelspec has to be installed), cwd = repository root, SCALE forced to smoke."""
+    so no kernelspec has to be installed) in `cwd`, SCALE forced to smoke."""
     monkeypatch.setenv("EQROBUST_SCALE", "smoke")  # the kernel inherits this environment
     monkeypatch.setenv("EQROBUST_WORKDIR", str(workdir))
     client = NotebookClient(
-        nb,
-        kernel_name="python3",
-        timeout=timeout,
-        resources={"metadata": {"path": str(ROOT)}},
+        nb, kernel_name="python3", timeout=timeout, resources={"metadata": {"path": str(cwd)}}
     )
     client.execute()
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pip install .` (not editable, no deps) of a copy of the checkout into a folder, as a user
+    outside the checkout (or Colab's install cell) gets it."""
+    tmp = tmp_path_factory.mktemp("installed")
+    src, site = tmp / "src", tmp / "site"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "runs", ".git", "*.egg-info"))
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site)]
+    subprocess.run([*pip, str(src)], check=True, timeout=300)
+    return site
 
 
 def test_there_are_notebooks():
@@ -61,10 +78,17 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_at_smoke_scale(path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch):
+def test_notebook_runs_at_smoke_scale(
+    path: Path, workdir: Path, installed: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    # Against the installed package, from a folder outside the checkout; the last cell checks
+    # that the kernel imported that copy (not the checkout's editable install).
+    monkeypatch.setenv("PYTHONPATH", str(installed))
     nb = nbformat.read(path, as_version=4)
+    check = f"import eqrobust\nassert eqrobust.__file__.startswith({str(installed)!r})"
+    nb.cells.append(nbformat.v4.new_code_cell(check))
     t0 = time.perf_counter()
-    _execute(nb, workdir, monkeypatch)
+    _execute(nb, workdir, monkeypatch, cwd=tmp_path)
     print(f"{path.name}: {time.perf_counter() - t0:.1f} s")  # pytest -s shows the timings
 
 
