@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import pickle
 import tarfile
@@ -25,13 +26,13 @@ GET_COMMAND = {
     "fashion_mnist": "apt-get install -y dataset-fashion-mnist   (Debian; files land in "
     "/usr/share/datasets/fashion-mnist), or prepare TFDS 'fashion_mnist' with "
     "pip install 'eqrobust[tf]' && python -c \"import tensorflow_datasets as tfds; "
-    "tfds.builder('fashion_mnist').download_and_prepare()\"",
+    "tfds.builder('fashion_mnist').download_and_prepare(file_format='array_record')\"",
     "mnist": "download the four MNIST IDX files into a folder and pass --data_dir, or prepare TFDS "
     "'mnist' (pip install 'eqrobust[tf]')",
     "cifar10": "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into DATA_DIR "
     "(archive or extracted), or prepare TFDS 'cifar10' with pip install 'eqrobust[tf]' && "
     'python -c "import tensorflow_datasets as tfds; '
-    "tfds.builder('cifar10').download_and_prepare()\"",
+    "tfds.builder('cifar10').download_and_prepare(file_format='array_record')\"",
     "cifar100": "download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into DATA_DIR "
     "(archive or extracted), or prepare TFDS 'cifar100' with pip install 'eqrobust[tf]'",
 }
@@ -183,27 +184,61 @@ def _load_cifar_pickles(name: str, data_dir: Path) -> Dataset | None:
 # ----------------------------------------------------------------------------- TFDS
 
 
-def _load_tfds(name: str, data_dir: str | None) -> Dataset | None:
-    """Reads a prepared TFDS dataset with `tfds.data_source` (no TensorFlow needed, no download)."""
+def _read_tfds(tfds: Any, name: str, data_dir: str | None) -> Dataset:
+    """Reads both splits of a prepared TFDS dataset (array_record files) with `tfds.data_source`."""
+    info = tfds.builder(name, data_dir=data_dir).info
+    splits = {}
+    for split in ("train", "test"):
+        src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        n = len(src)
+        x = np.empty((n, *info.features["image"].shape), np.uint8)
+        y = np.empty((n,), np.int32)
+        for i in range(n):  # random-access array_record reads; fine for CIFAR-sized sets
+            ex = src[i]
+            x[i], y[i] = ex["image"], ex["label"]
+        splits[split] = (x, y)
+    return _make(name, *splits["train"], *splits["test"], info.features["label"].num_classes)
+
+
+def _load_tfds(name: str, data_dir: str | None, problems: list[str]) -> Dataset | None:
+    """A TFDS dataset, read without TensorFlow; prepared first when needed and possible.
+
+    Reads prepared array_record files with `tfds.data_source`. When the dataset is not prepared
+    and TensorFlow is installed (Colab), prepares it with
+    `tfds.builder(name, data_dir=data_dir).download_and_prepare(file_format="array_record")`
+    (downloads) and reads it. Every failure is appended to `problems` with its error message,
+    so that the caller's error shows it instead of a bare "not found".
+    """
     try:
         import tensorflow_datasets as tfds
-    except ImportError:  # pragma: no cover - tfds is a dependency
+    except ImportError as e:  # pragma: no cover - tfds is a dependency
+        problems.append(f"tensorflow_datasets is not importable ({e})")
         return None
-    splits = {}
     try:
-        info = tfds.builder(name, data_dir=data_dir).info
-        for split in ("train", "test"):
-            src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-            n = len(src)
-            x = np.empty((n, *info.features["image"].shape), np.uint8)
-            y = np.empty((n,), np.int32)
-            for i in range(n):  # random-access array_record reads; fine for CIFAR-sized sets
-                ex = src[i]
-                x[i], y[i] = ex["image"], ex["label"]
-            splits[split] = (x, y)
-    except Exception:  # noqa: BLE001 - tfds raises many kinds for "not registered / not prepared"
+        return _read_tfds(tfds, name, data_dir)
+    except Exception as e:  # noqa: BLE001 - tfds raises many kinds; shown to the user below
+        read_error = f"{type(e).__name__}: {e}"
+    try:
+        prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"TFDS '{name}': {type(e).__name__}: {e}")
         return None
-    return _make(name, *splits["train"], *splits["test"], info.features["label"].num_classes)
+    if prepared:
+        problems.append(f"TFDS '{name}' is prepared but could not be read: {read_error}")
+        return None
+    if importlib.util.find_spec("tensorflow") is None:
+        problems.append(
+            f"TFDS '{name}' is not prepared, and TensorFlow (needed to prepare it) is not "
+            "installed: pip install 'eqrobust[tf]'"
+        )
+        return None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        builder.download_and_prepare(file_format="array_record")
+        return _read_tfds(tfds, name, data_dir)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"preparing TFDS '{name}' failed: {type(e).__name__}: {e}")
+        return None
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -260,6 +295,8 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, **kwargs: Any)
         name: one of `DATASETS`.
         data_dir: a folder with IDX files (MNIST family), the CIFAR python-pickle release (archive
             or extracted), or a TFDS data dir. None searches the default places.
+            Last resort, a TFDS dataset (array_record files, read without TensorFlow); when it is
+            not prepared and TensorFlow is installed (Colab), it is prepared first (downloads).
         **kwargs: options of `synthetic` when name == "synthetic".
 
     Returns:
@@ -290,12 +327,15 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, **kwargs: Any)
             if Path(data_dir).is_dir() and (ds := _load_cifar_pickles(name, Path(data_dir))):
                 return ds
     tfds_dir = str(data_dir) if data_dir else None
-    looked.append(f"prepared TFDS '{name}' in {tfds_dir or 'the default TFDS data dir'}")
-    if (ds := _load_tfds(name, tfds_dir)) is not None:
+    looked.append(f"TFDS '{name}' in {tfds_dir or 'the default TFDS data dir'}")
+    problems: list[str] = []
+    if (ds := _load_tfds(name, tfds_dir, problems)) is not None:
         return ds
     raise FileNotFoundError(
         f"dataset {name!r} not found. Looked for: "
         + "; ".join(looked)
+        + ". TFDS: "
+        + "; ".join(problems)
         + f". To get it: {GET_COMMAND[name]}"
     )
 

@@ -1,6 +1,7 @@
 """Data loaders (IDX, CIFAR pickles, TFDS), synthetic data, augmentation and batching."""
 
 import gzip
+import importlib.util
 import pickle
 import tarfile
 from pathlib import Path
@@ -156,3 +157,46 @@ def test_batches_deterministic_and_resumable():
     assert all(np.array_equal(p, q) for p, q in zip(a[4:], tail))
     assert not np.array_equal(a[0], next(data.batches(x, y, 8, seed=0, epoch=3))[1])
     assert len(np.unique(np.concatenate(a))) == 48  # a permutation, no repeats
+
+
+def _find_spec_with_tensorflow(real):
+    return lambda name, *a: object() if name == "tensorflow" else real(name, *a)
+
+
+def test_tfds_read_error_is_shown_not_swallowed(monkeypatch, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("array_record file is corrupt")
+
+    monkeypatch.setattr(tfds, "data_source", broken)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with pytest.raises(FileNotFoundError, match="RuntimeError: array_record file is corrupt"):
+        data.load("cifar10", data_dir=tmp_path)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow is installed"
+)
+def test_tfds_not_prepared_without_tensorflow_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not prepared, and TensorFlow"):
+        data.load("cifar10", data_dir=tmp_path)
+
+
+def test_tfds_prepares_with_tensorflow_and_shows_its_error(monkeypatch, tmp_path):
+    # With TensorFlow (Colab) an unprepared dataset is prepared as array_record; a failure of
+    # the preparation (here: no internet) reaches the user's error message.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    calls = []
+
+    def prepare(self, **kwargs):
+        calls.append(kwargs)
+        raise ConnectionError("no internet")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", _find_spec_with_tensorflow(importlib.util.find_spec)
+    )
+    with pytest.raises(FileNotFoundError, match="preparing TFDS 'cifar10' failed: ConnectionError"):
+        data.load("cifar10", data_dir=tmp_path)
+    assert calls == [{"file_format": "array_record"}]
