@@ -294,7 +294,8 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, **kwargs: Any)
     Args:
         name: one of `DATASETS`.
         data_dir: a folder with IDX files (MNIST family), the CIFAR python-pickle release (archive
-            or extracted), or a TFDS data dir. None searches the default places.
+            or extracted), or a TFDS data dir; it must exist, and it is the only place searched.
+            None searches the default places.
             Last resort, a TFDS dataset (array_record files, read without TensorFlow); when it is
             not prepared and TensorFlow is installed (Colab), it is prepared first (downloads).
         **kwargs: options of `synthetic` when name == "synthetic".
@@ -313,10 +314,17 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, **kwargs: Any)
         return synthetic(**kwargs)
     if kwargs:
         raise ValueError(f"dataset {name!r} takes no options, got {sorted(kwargs)}")
+    if data_dir and not Path(data_dir).is_dir():
+        # A misspelt path must not fall back to the default copy of some dataset.
+        raise FileNotFoundError(
+            f"data_dir {str(data_dir)!r} does not exist (or is not a folder); dataset {name!r} "
+            "was not loaded. Fix the path, or create the folder first if TFDS should prepare the "
+            f"dataset into it. To get it: {GET_COMMAND[name]}"
+        )
     looked: list[str] = []
     if name in IDX_SEARCH_PATHS:
-        folders = [Path(data_dir)] if data_dir else []
-        folders += [Path(p) for p in IDX_SEARCH_PATHS[name]]
+        # An explicit data_dir is the only place searched: no fallback to the default copies.
+        folders = [Path(data_dir)] if data_dir else [Path(p) for p in IDX_SEARCH_PATHS[name]]
         for folder in folders:
             looked.append(f"IDX files in {folder}")
             if folder.is_dir() and (ds := _load_idx_folder(name, folder)) is not None:

@@ -103,8 +103,11 @@ def test_real_fashion_mnist():
 def test_errors():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load("imagenet")
-    with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
+    with pytest.raises(FileNotFoundError, match="'/nonexistent-dir' does not exist.*cifar-10-py"):
         data.load("cifar10", data_dir="/nonexistent-dir")
+    # A misspelt data_dir must not fall back to the default Fashion-MNIST copy.
+    with pytest.raises(FileNotFoundError, match="'/usr/share/datasets/fashion-mnis' does not"):
+        data.load("fashion_mnist", data_dir="/usr/share/datasets/fashion-mnis")
     with pytest.raises(ValueError, match="num_train"):
         data.synthetic(num_train=8).subset(num_train=9)
 
