@@ -60,6 +60,8 @@ def num_classes(logits_fn: LogitsFn, x: jax.Array) -> int:
     leaves = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(fn))
     key = (fn.func, leaves, tuple(x.shape[1:]), str(x.dtype))
     if key not in _NUM_CLASSES:
+        if len(_NUM_CLASSES) >= 256:  # keys hold the functions (and their closures): bounded
+            _NUM_CLASSES.clear()
         out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
         _NUM_CLASSES[key] = int(out.shape[-1])
     return _NUM_CLASSES[key]
