@@ -14,8 +14,8 @@ with --config.field=value.
 
 Scales:
     smoke     synthetic 28x28 data, 2 tiny branches; seconds (tests).
-    cpu       Fashion-MNIST (20000-image subset: 16000 train + 4000 validation), 2 branches (8/16
-              channels at 14x14/7x7, expansion 2), 8 Broyden steps + f + 5 damped steps; Adam 3e-3
+    cpu       Fashion-MNIST (20000-image subset: 16000 train + 4000 validation), 2 branches (16/32
+              channels at 14x14/7x7, expansion 2, head 16/32, final 256), 8 Broyden steps + f + 5 damped steps; Adam 3e-3
               cosine, 3 epochs, 100 pretraining steps; PGD-AT/TRADES with 3 steps of 0.04 in the
               0.1 Linf ball; minutes on 2 cores (times in BUILD_NOTES).
     paper     CIFAR-10, DEQ-Large(reg) of locuslab/deq `cls_mdeq_LARGE_reg` as used by both DEQ
@@ -55,14 +55,14 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         dict(
             name="deq",
-            channels=(8, 16),
+            channels=(16, 32),
             expansion=2,
             num_groups=8,
             post_gn_affine=False,
             weight_norm=True,
             dropout=0.0,
-            head_channels=(8, 16),
-            final_channels=128,
+            head_channels=(16, 32),
+            final_channels=256,
             stem_strides=(2,),
             conv="xla",
             # solver (torchdeq names)
