@@ -1,0 +1,906 @@
+"""Intermediate-state attacks on equilibrium models: unrolled intermediates, gradient ensemble,
+simultaneous adjoint (Yang et al., 2022, "A closer look at the adversarial robustness of DEQs")."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from eqrobust import solvers
+from eqrobust.attacks import _common as C
+from eqrobust.attacks import losses
+from eqrobust.attacks.pgd import random_start_pgd
+
+PyTree = Any
+Partial = jax.tree_util.Partial
+
+_FNS = ("inject", "f", "readout", "trajectory", "init", "predict")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=list(_FNS),
+    meta_fields=["num_states", "tol"],
+)
+@dataclasses.dataclass(frozen=True)
+class Dynamics:
+    """An equilibrium model as the intermediate-state attacks see it (eval mode, pure functions).
+
+    Every function should be a `jax.tree_util.Partial` binding the model's arrays, so that the
+    compiled attack programs take them as arguments and are shared between models of one
+    architecture (plain callables work too; they are static).
+
+    Attributes:
+        inject: x [B, H, W, C] -> a (pytree, leaves [B, ...]): the input injection; the only path
+            from x to the dynamics.
+        f: (z, a) -> z: one cell step; z a pytree with leaves [B, ...], examples independent.
+        readout: z -> logits [B, K].
+        trajectory: x -> z_1..z_N (leaves [N, B, ...]): the recorded forward-solver iterates,
+            treated as constants (no gradient).
+        init: x -> z_0 (leaves [B, ...]), the solver's initial state (zeros for a DEQ).
+        predict: x -> logits [B, K], the model's real (defended) prediction, or None.
+        num_states: N, the number of recorded iterates.
+        tol: the forward solver's relative-residual stop (the adjoint's Broyden uses it).
+    """
+
+    inject: Callable[[jax.Array], PyTree]
+    f: Callable[[PyTree, PyTree], PyTree]
+    readout: Callable[[PyTree], jax.Array]
+    trajectory: Callable[[jax.Array], PyTree]
+    init: Callable[[jax.Array], PyTree]
+    predict: Callable[[jax.Array], jax.Array] | None
+    num_states: int
+    tol: float = 1e-3
+
+
+def _canon(dyn: Dynamics) -> Dynamics:
+    """Dynamics whose functions are all pytree Partials (jit arguments)."""
+    if not isinstance(dyn, Dynamics):
+        raise TypeError(f"expected a Dynamics, got {type(dyn).__name__}")
+    if not (isinstance(dyn.num_states, int) and dyn.num_states >= 1):
+        raise ValueError(f"Dynamics.num_states must be an int >= 1, got {dyn.num_states!r}")
+    kw = {n: getattr(dyn, n) for n in _FNS}
+    kw = {n: (v if v is None else C.as_pytree_fn(v)) for n, v in kw.items()}
+    return dataclasses.replace(dyn, **kw)
+
+
+# ----------------------------------------------------------------------------- constructors
+
+
+@functools.lru_cache(maxsize=32)
+def _engine_fns(num_states: int, tol: float):
+    def trajectory(inject, f, init, x):
+        sol = solvers.solve(
+            f,
+            init(x),
+            inject(x),
+            method="broyden",
+            max_steps=num_states,
+            tol=tol,
+            record=num_states,
+            grad="none",
+            memory=num_states,
+        )
+        return lax.stop_gradient(sol.trajectory.z)
+
+    def predict(inject, f, init, readout, x):
+        sol = solvers.solve(
+            f,
+            init(x),
+            inject(x),
+            method="broyden",
+            max_steps=num_states,
+            tol=tol,
+            grad="implicit",
+            memory=num_states,
+        )
+        return readout(sol.z)
+
+    return trajectory, predict
+
+
+def broyden_dynamics(
+    inject: Callable[[jax.Array], PyTree],
+    f: Callable[[PyTree, PyTree], PyTree],
+    readout: Callable[[PyTree], jax.Array],
+    init: Callable[[jax.Array], PyTree],
+    *,
+    num_states: int,
+    tol: float = 1e-3,
+    predict: Callable[[jax.Array], jax.Array] | None = None,
+) -> Dynamics:
+    """Dynamics of a cell solved by the engine's Broyden (z0 = init(x), B0 = -I, N steps).
+
+    Args:
+        inject, f, readout, init: as the `Dynamics` fields (preferably Partials).
+        num_states: N solver steps recorded by `trajectory`.
+        tol: relative-residual stop of the solver.
+        predict: the real prediction; None: readout of the solver's (lowest-residual) state with
+            the implicit gradient.
+
+    Returns:
+        Dynamics.
+    """
+    inject, f, readout, init = map(C.as_pytree_fn, (inject, f, readout, init))
+    traj_fn, pred_fn = _engine_fns(int(num_states), float(tol))
+    if predict is None:
+        predict = Partial(pred_fn, inject, f, init, readout)
+    return Dynamics(
+        inject=inject,
+        f=f,
+        readout=readout,
+        trajectory=Partial(traj_fn, inject, f, init),
+        init=init,
+        predict=C.as_pytree_fn(predict),
+        num_states=int(num_states),
+        tol=float(tol),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _deq_fns(graphdef: Any):
+    from flax import nnx
+
+    def inject(state, x):
+        return nnx.merge(graphdef, state).inject(x)
+
+    def f(state, z, a):
+        return nnx.merge(graphdef, state).cell(z, a, None)
+
+    def readout(state, z):
+        return nnx.merge(graphdef, state).readout(z)
+
+    def trajectory(state, x):
+        out = nnx.merge(graphdef, state).equilibrium(x, ift=False, record=True)
+        return lax.stop_gradient(out.trajectory.z)
+
+    def init(state, x):
+        m = nnx.merge(graphdef, state)
+        return m.zeros(x.shape[0], m.inject(x).dtype)
+
+    return inject, f, readout, trajectory, init
+
+
+def deq_dynamics(model: Any, *, ift: bool | None = None) -> Dynamics:
+    """The eval-mode (no dropout, BatchNorm running statistics) `Dynamics` of a `DEQNet`.
+
+    Args:
+        model: a `eqrobust.models.deq.DEQNet` (not modified).
+        ift: gradient mode of `predict` (the model's `deq_classifier(model, ift=ift)` logits).
+
+    Returns:
+        Dynamics with N = solver.f_max_iter, tol = solver.f_tol; `trajectory` is the model's
+        recorded Broyden iterates, `predict` its real logits (f(z*) and the damped unroll).
+    """
+    from flax import nnx
+
+    from eqrobust.models.deq import deq_classifier
+
+    graphdef, state = nnx.split(model)
+    m = nnx.merge(graphdef, state, copy=True)
+    m.eval()
+    graphdef, state = nnx.split(m)
+    inject, f, readout, trajectory, init = _deq_fns(graphdef)
+    return Dynamics(
+        inject=Partial(inject, state),
+        f=Partial(f, state),
+        readout=Partial(readout, state),
+        trajectory=Partial(trajectory, state),
+        init=Partial(init, state),
+        predict=deq_classifier(model, ift=ift).logits_fn,
+        num_states=int(model.solver.f_max_iter),
+        tol=float(model.solver.f_tol),
+    )
+
+
+# ----------------------------------------------------------------------------- surrogate gradients
+
+
+def _state(zs: PyTree, idx: jax.Array) -> PyTree:
+    """z_{idx+1} of a trajectory (leaves [N, B, ...] -> [B, ...]), detached."""
+    return jax.tree.map(lambda t: lax.stop_gradient(t[idx]), zs)
+
+
+def _unrolled_loss(dyn: Dynamics, z_i: PyTree, xa: jax.Array, y: jax.Array, unroll: int, lam):
+    """Summed CE of readout(z) with z = f(z_i, a(x)), then `unroll` damped steps."""
+    a = dyn.inject(xa)
+    z = dyn.f(z_i, a)
+
+    def step(z, _):
+        return jax.tree.map(lambda p, q: (1.0 - lam) * p + lam * q, z, dyn.f(z, a)), None
+
+    z, _ = lax.scan(step, z, None, length=unroll)
+    return jnp.sum(losses.cross_entropy(dyn.readout(z), y))
+
+
+def _unrolled_grad(dyn, zs, xa, y, idx, unroll, lam):
+    return jax.grad(_unrolled_loss, argnums=2)(dyn, _state(zs, idx), xa, y, unroll, lam)
+
+
+def _ensemble_grad(dyn, zs, xa, y, idxs, unroll, lam):
+    def loss(xa):
+        per = jax.vmap(lambda i: _unrolled_loss(dyn, _state(zs, i), xa, y, unroll, lam))(idxs)
+        return jnp.sum(per)
+
+    return jax.grad(loss)(xa)
+
+
+@functools.partial(jax.jit, static_argnames=("unroll",))
+def _unrolled_grad_jit(dyn, x, y, idxs, lam, *, unroll):
+    zs = dyn.trajectory(x)
+    return jax.vmap(lambda i: _unrolled_grad(dyn, zs, x, y, i, unroll, lam))(idxs)
+
+
+@functools.partial(jax.jit, static_argnames=("unroll",))
+def _ensemble_grad_jit(dyn, x, y, idxs, lam, *, unroll):
+    return _ensemble_grad(dyn, dyn.trajectory(x), x, y, idxs, unroll, lam)
+
+
+def _states(states: int | Sequence[int] | None, n: int, who: str) -> tuple[int, ...]:
+    """1-based state indices, checked against N."""
+    if states is None:
+        return tuple(range(1, n + 1))
+    s = (states,) if isinstance(states, int) else tuple(int(i) for i in states)
+    if not s or any(not 1 <= i <= n for i in s):
+        raise ValueError(f"{who}: state indices must be in 1..{n} (num_states), got {states!r}")
+    return s
+
+
+def _check(dyn, x, y, unroll, lam, who):
+    dyn = _canon(dyn)
+    x, y = C.check_inputs(x, y, who)
+    if not (isinstance(unroll, int) and unroll >= 1):
+        raise ValueError(f"{who}: unroll (K) must be an int >= 1, got {unroll!r}")
+    if not 0.0 < float(lam) <= 1.0:
+        raise ValueError(f"{who}: lam must be in (0, 1], got {lam!r}")
+    return dyn, x, y
+
+
+def unrolled_gradient(
+    dyn: Dynamics,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    state: int | Sequence[int],
+    unroll: int = 5,
+    lam: float = 0.5,
+) -> jax.Array:
+    """Input gradient of the unrolled-intermediate surrogate (paper eq. 13).
+
+    With z_i the i-th recorded solver iterate of x (a constant), z = f(z_i, a(x)), then `unroll`
+    (K) steps z <- (1 - lam) z + lam f(z, a(x)); the loss is the summed CE of readout(z).
+
+    Args:
+        dyn: the model's Dynamics.
+        x: [B, H, W, C] images in [0, 1].
+        y: [B] int labels.
+        state: i in 1..N, or a sequence of them.
+        unroll: K >= 1.
+        lam: damping in (0, 1].
+
+    Returns:
+        [B, H, W, C] for an int state, [S, B, H, W, C] for a sequence of S states.
+    """
+    dyn, x, y = _check(dyn, x, y, unroll, lam, "unrolled_gradient")
+    s = _states(state, dyn.num_states, "unrolled_gradient")
+    idxs = jnp.asarray(s, jnp.int32) - 1
+    g = _unrolled_grad_jit(dyn, x, y, idxs, jnp.asarray(lam, x.dtype), unroll=unroll)
+    return g[0] if isinstance(state, int) else g
+
+
+def ensemble_gradient(
+    dyn: Dynamics,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    states: Sequence[int] | None = None,
+    unroll: int = 1,
+    lam: float = 0.5,
+) -> jax.Array:
+    """Gradient ensemble: the sum over states i of `unrolled_gradient(..., state=i)`.
+
+    Args:
+        dyn, x, y, unroll, lam: as `unrolled_gradient` (K = 1 by default, as the papers).
+        states: the i to sum over (1-based); None: all 1..N.
+
+    Returns:
+        [B, H, W, C].
+    """
+    dyn, x, y = _check(dyn, x, y, unroll, lam, "ensemble_gradient")
+    idxs = jnp.asarray(_states(states, dyn.num_states, "ensemble_gradient"), jnp.int32) - 1
+    return _ensemble_grad_jit(dyn, x, y, idxs, jnp.asarray(lam, x.dtype), unroll=unroll)
+
+
+# ----------------------------------------------------------------------------- PGD core
+
+
+def _pgd_loop(grad_fn, predict, x, y, key, eps, step_size, active, *, steps, random_start):
+    """Linf PGD on the surrogate gradient `grad_fn(xa)`; success judged on `predict` only.
+
+    Every iterate (random start included) is checked with `predict`; an example is frozen at the
+    first iterate that fools it. Returns (x_adv, success, iterations).
+    """
+    x0 = random_start_pgd(key, x, eps, "linf") if random_start else x
+    x0 = C.where_b(active, x0, x)
+
+    def check(xa, act, fooled):
+        wrong = act & C.misclassified(predict(xa), y)
+        return act & ~wrong, fooled | wrong
+
+    def cond(s):
+        i, _, act, _, _ = s
+        return (i < steps) & jnp.any(act)
+
+    def body(s):
+        i, xa, act, fooled, iters = s
+        act, fooled = check(xa, act, fooled)
+        xn = C.project(xa + step_size * jnp.sign(grad_fn(xa)), x, eps, "linf")
+        xa = C.where_b(act, xn, xa)
+        return i + 1, xa, act, fooled, iters + act.astype(jnp.int32)
+
+    b = x.shape[0]
+    init = (jnp.int32(0), x0, active, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    _, xa, act, fooled, iters = lax.while_loop(cond, body, init)
+    _, fooled = check(xa, act, fooled)
+    return xa, fooled, iters
+
+
+def _clean_wrong(predict, x, y, active):
+    return active & C.misclassified(predict(x), y)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("unroll", "steps", "random_start", "recompute", "state_batch")
+)
+def _unrolled_pgd(
+    dyn,
+    predict,
+    x,
+    y,
+    keys,
+    idxs,
+    eps,
+    ss,
+    lam,
+    active,
+    *,
+    unroll,
+    steps,
+    random_start,
+    recompute,
+    state_batch,
+):
+    """PGD per state index (lax.map over idxs): x_adv [S, B, ...], success [S, B], iters."""
+    wrong = _clean_wrong(predict, x, y, active)
+    todo = active & ~wrong
+    zs_clean = None if recompute else dyn.trajectory(x)
+
+    def one(args):
+        idx, key = args
+
+        def grad_fn(xa):
+            zs = dyn.trajectory(xa) if recompute else zs_clean
+            return _unrolled_grad(dyn, zs, xa, y, idx, unroll, lam)
+
+        xa, fooled, it = _pgd_loop(
+            grad_fn, predict, x, y, key, eps, ss, todo, steps=steps, random_start=random_start
+        )
+        return C.where_b(todo, xa, x), fooled | wrong, it
+
+    return lax.map(one, (idxs, keys), batch_size=state_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("unroll", "steps", "random_start"))
+def _ensemble_pgd(
+    dyn, predict, x, y, key, idxs, eps, ss, lam, active, *, unroll, steps, random_start
+):
+    wrong = _clean_wrong(predict, x, y, active)
+    todo = active & ~wrong
+
+    def grad_fn(xa):
+        return _ensemble_grad(dyn, dyn.trajectory(xa), xa, y, idxs, unroll, lam)
+
+    xa, fooled, it = _pgd_loop(
+        grad_fn, predict, x, y, key, eps, ss, todo, steps=steps, random_start=random_start
+    )
+    return C.AttackResult(C.where_b(todo, xa, x), fooled | wrong, it)
+
+
+def _predict(dyn: Dynamics, predict_fn, who: str):
+    p = dyn.predict if predict_fn is None else predict_fn
+    if p is None:
+        raise ValueError(
+            f"{who}: no predict_fn given and the Dynamics has no predict; pass the model's real "
+            "logits function (success is judged on it)"
+        )
+    return C.as_pytree_fn(p)
+
+
+def _pgd_setup(eps, steps, step_size, who, dtype):
+    C.check_eps(eps, who)
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"{who}: steps must be an int >= 1, got {steps!r}")
+    ss = eps / 4.0 if step_size is None else step_size
+    return jnp.asarray(eps, dtype), jnp.asarray(ss, dtype)
+
+
+# ----------------------------------------------------------------------------- public attacks
+
+
+def unrolled_intermediate_pgd(
+    dyn: Dynamics,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    key: jax.Array,
+    eps: float,
+    state: int,
+    unroll: int = 5,
+    lam: float = 0.5,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    predict_fn: C.LogitsFn | None = None,
+    recompute_states: bool = True,
+    active: jax.Array | None = None,
+) -> C.AttackResult:
+    """PGD-Linf with the unrolled-intermediate surrogate gradient of state i (one grid cell).
+
+    At every PGD step the surrogate is `unrolled_gradient` at the current x' (with
+    `recompute_states`, z_i is the i-th solver iterate of x' itself, detached, as an attacker
+    running the model's forward on x' sees it; otherwise z_i of the clean x throughout).
+    Success is judged on `predict_fn` only: an example counts as broken, and is frozen, at the
+    first iterate (random start included) that predict_fn misclassifies. Examples predict_fn
+    already misclassifies at x count as broken with x_adv = x.
+
+    Args:
+        dyn: the model's Dynamics.
+        x: [B, H, W, C] clean images in [0, 1]; y: [B] int labels.
+        key: PRNG key (random start).
+        eps: Linf radius.
+        state: i in 1..N.
+        unroll: K >= 1 damped steps after f(z_i); lam: their damping.
+        steps: PGD steps; step_size: None = eps / 4 (the DEQ papers' 2/255 at 8/255).
+        random_start: uniform start in the ball.
+        predict_fn: x -> logits of the defended model; None: dyn.predict.
+        recompute_states: recompute z_i from the current x' at every step.
+        active: optional [B] bool mask of the examples to attack.
+
+    Returns:
+        AttackResult: x_adv [B, H, W, C], success [B] (predict_fn fooled), iterations [B].
+    """
+    dyn, x, y = _check(dyn, x, y, unroll, lam, "unrolled_intermediate_pgd")
+    (s,) = _states(int(state), dyn.num_states, "unrolled_intermediate_pgd")
+    eps_a, ss = _pgd_setup(eps, steps, step_size, "unrolled_intermediate_pgd", x.dtype)
+    xa, ok, it = _unrolled_pgd(
+        dyn,
+        _predict(dyn, predict_fn, "unrolled_intermediate_pgd"),
+        x,
+        y,
+        key[None],
+        jnp.asarray([s - 1], jnp.int32),
+        eps_a,
+        ss,
+        jnp.asarray(lam, x.dtype),
+        C.active_mask(active, x.shape[0]),
+        unroll=unroll,
+        steps=steps,
+        random_start=bool(random_start),
+        recompute=bool(recompute_states),
+        state_batch=None,
+    )
+    return C.AttackResult(xa[0], ok[0], it[0])
+
+
+def gradient_ensemble_pgd(
+    dyn: Dynamics,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    key: jax.Array,
+    eps: float,
+    states: Sequence[int] | None = None,
+    unroll: int = 1,
+    lam: float = 0.5,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    predict_fn: C.LogitsFn | None = None,
+    active: jax.Array | None = None,
+) -> C.AttackResult:
+    """PGD-Linf whose step is the sign of `ensemble_gradient` (sum over states) at x'.
+
+    The states z_i are recomputed from the current x' at every step. Success as in
+    `unrolled_intermediate_pgd` (judged on predict_fn).
+
+    Args:
+        dyn, x, y, key, eps, steps, step_size, random_start, predict_fn, active: as
+            `unrolled_intermediate_pgd`.
+        states: the i summed over (None: 1..N); unroll: K (1 as the papers); lam: damping.
+
+    Returns:
+        AttackResult.
+    """
+    dyn, x, y = _check(dyn, x, y, unroll, lam, "gradient_ensemble_pgd")
+    idxs = jnp.asarray(_states(states, dyn.num_states, "gradient_ensemble_pgd"), jnp.int32) - 1
+    eps_a, ss = _pgd_setup(eps, steps, step_size, "gradient_ensemble_pgd", x.dtype)
+    return _ensemble_pgd(
+        dyn,
+        _predict(dyn, predict_fn, "gradient_ensemble_pgd"),
+        x,
+        y,
+        key,
+        idxs,
+        eps_a,
+        ss,
+        jnp.asarray(lam, x.dtype),
+        C.active_mask(active, x.shape[0]),
+        unroll=unroll,
+        steps=steps,
+        random_start=bool(random_start),
+    )
+
+
+class GridResult(NamedTuple):
+    """Result of `unrolled_intermediate_grid`.
+
+    Attributes:
+        x_adv: [B, H, W, C]: per example, the x_adv of the first grid cell (in (i, K, lam) order)
+            that fooled predict_fn; x where none did.
+        robust: [B] bool, robust in every cell (the minimum over the grid).
+        cell_robust: [S, nK, nL, B] bool per grid cell.
+        accuracy: [S, nK, nL] robust accuracy per cell (mean of cell_robust over the batch).
+        strongest: (i, K, lam) of the cell with the lowest accuracy (first in grid order on ties).
+        states, unrolls, lams: the grid axes.
+    """
+
+    x_adv: jax.Array
+    robust: jax.Array
+    cell_robust: jax.Array
+    accuracy: jax.Array
+    strongest: tuple[int, int, float]
+    states: tuple[int, ...]
+    unrolls: tuple[int, ...]
+    lams: tuple[float, ...]
+
+
+def unrolled_intermediate_grid(
+    dyn: Dynamics,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    key: jax.Array,
+    eps: float,
+    states: Sequence[int] | None = None,
+    unrolls: Sequence[int] = tuple(range(1, 10)),
+    lams: Sequence[float] = (0.5, 1.0),
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    predict_fn: C.LogitsFn | None = None,
+    recompute_states: bool = True,
+    state_batch: int | None = None,
+    active: jax.Array | None = None,
+) -> GridResult:
+    """The papers' full unrolled-intermediate grid: i in 1..N, K in 1..9, lam in {0.5, 1}.
+
+    One compiled program per K (lam is an argument, the states run under `lax.map`), each cell an
+    independent `unrolled_intermediate_pgd` with its own random start.
+
+    Args:
+        dyn, x, y, key, eps, steps, step_size, random_start, predict_fn, recompute_states,
+            active: as `unrolled_intermediate_pgd`.
+        states: i values (None: 1..N); unrolls: K values; lams: damping values.
+        state_batch: states attacked at once (None: one after another, each stopping when its
+            examples are broken; S: all vmapped).
+
+    Returns:
+        GridResult.
+    """
+    who = "unrolled_intermediate_grid"
+    unrolls, lams = tuple(int(k) for k in unrolls), tuple(float(v) for v in lams)
+    if not unrolls or not lams:
+        raise ValueError(f"{who}: unrolls and lams must be non-empty")
+    for k in unrolls:
+        for v in lams:
+            dyn2, x2, y2 = _check(dyn, x, y, k, v, who)
+    dyn, x, y = dyn2, x2, y2
+    s = _states(states, dyn.num_states, who)
+    eps_a, ss = _pgd_setup(eps, steps, step_size, who, x.dtype)
+    predict = _predict(dyn, predict_fn, who)
+    act = C.active_mask(active, x.shape[0])
+    idxs = jnp.asarray(s, jnp.int32) - 1
+    x_adv, broken = x, jnp.zeros(x.shape[0], bool)
+    cells = []
+    for ki, k in enumerate(unrolls):
+        row = []
+        for li, v in enumerate(lams):
+            keys = jax.random.split(jax.random.fold_in(key, ki * len(lams) + li), len(s))
+            xa, ok, _ = _unrolled_pgd(
+                dyn,
+                predict,
+                x,
+                y,
+                keys,
+                idxs,
+                eps_a,
+                ss,
+                jnp.asarray(v, x.dtype),
+                act,
+                unroll=k,
+                steps=steps,
+                random_start=bool(random_start),
+                recompute=bool(recompute_states),
+                state_batch=state_batch,
+            )
+            for j in range(len(s)):
+                new = ok[j] & ~broken
+                x_adv = C.where_b(new, xa[j], x_adv)
+                broken = broken | ok[j]
+            row.append(~ok)  # [S, B]
+        cells.append(jnp.stack(row, axis=1))  # [S, nL, B]
+    cell_robust = jnp.stack(cells, axis=1)  # [S, nK, nL, B]
+    acc = jnp.mean(cell_robust.astype(jnp.float32), axis=-1)
+    si, ki, li = (int(t) for t in jnp.unravel_index(jnp.argmin(acc), acc.shape))
+    return GridResult(
+        x_adv=x_adv,
+        robust=jnp.all(cell_robust, axis=(0, 1, 2)),
+        cell_robust=cell_robust,
+        accuracy=acc,
+        strongest=(s[si], unrolls[ki], lams[li]),
+        states=s,
+        unrolls=unrolls,
+        lams=lams,
+    )
+
+
+# ----------------------------------------------------------------------------- simultaneous adjoint
+
+
+class AdjointResult(NamedTuple):
+    """Result of `simultaneous_adjoint` (n = 1..N along the forward Broyden solve).
+
+    Attributes:
+        grads: [N, B, H, W, C], eq. 11: (df(z_n; x)/dx)^T u_n (gradient of CE(readout(z_n), y)
+            estimated at step n).
+        z: [N, B, D] the Broyden iterates z_n, flattened per example.
+        u: [N, B, D] the adjoint states u_n.
+        residual: [N, B] relative residual ||f(z_n) - z_n|| / (||f(z_n)|| + 1e-9).
+    """
+
+    grads: jax.Array
+    z: jax.Array
+    u: jax.Array
+    residual: jax.Array
+
+
+class _Flat(NamedTuple):
+    """Per-example flattening of a state pytree: leaves [B, ...] <-> [B, D]."""
+
+    treedef: Any
+    shapes: tuple
+
+    @classmethod
+    def of(cls, z):
+        leaves, treedef = jax.tree.flatten(z)
+        return cls(treedef, tuple(tuple(a.shape[1:]) for a in leaves))
+
+    def flatten(self, z):
+        leaves = jax.tree.leaves(z)
+        return jnp.concatenate([a.reshape(a.shape[0], -1) for a in leaves], axis=1)
+
+    def unflatten(self, w):
+        parts, start = [], 0
+        for s in self.shapes:
+            n = math.prod(s)
+            parts.append(w[:, start : start + n].reshape(w.shape[0], *s))
+            start += n
+        return jax.tree.unflatten(self.treedef, parts)
+
+
+def _lowrank(us, vs, w, transpose=False):
+    """B w with B = -I + sum_j u_j v_j^T (B^T w if transpose); us, vs [B, m, D], w [B, D]."""
+    mv = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
+    a, b = (vs, us) if transpose else (us, vs)
+    return -w + mv("bmd,bm->bd", a, mv("bmd,bd->bm", b, w))
+
+
+def _adjoint_run(dyn, x, y, *, n_steps, beta, tol, transpose):
+    """Broyden (as the engine's: g = f(z) - z, B0 = -I, no restart) with the adjoint alongside."""
+    a, inj_vjp = jax.vjp(dyn.inject, x)
+    z0 = dyn.init(x)
+    fl = _Flat.of(z0)
+    w0 = lax.stop_gradient(fl.flatten(z0))
+    b, d = w0.shape
+
+    def fvjp(w, u):
+        """f(w), J_z^T u, J_a^T u at (w, a)."""
+        fz, vjp = jax.vjp(lambda w_, a_: fl.flatten(dyn.f(fl.unflatten(w_), a_)), w, a)
+        jz, ja = vjp(u)
+        return fz, jz, ja
+
+    def dloss(w):
+        return jax.grad(lambda w_: jnp.sum(losses.cross_entropy(dyn.readout(fl.unflatten(w_)), y)))(
+            w
+        )
+
+    def resid(fw, w):
+        num = jnp.sqrt(jnp.sum(jnp.square(fw - w), axis=1))
+        return num / (jnp.sqrt(jnp.sum(jnp.square(fw), axis=1)) + 1e-9)
+
+    u0 = jnp.zeros_like(w0)
+    fw0, jtu0, _ = fvjp(w0, u0)
+    buf = jnp.zeros((b, n_steps, d), w0.dtype)
+
+    def step(c, n):
+        w, fw, jtu, u, us, vs = c
+        g = fw - w
+        active = resid(fw, w) >= tol  # the engine freezes converged examples
+        # Adjoint (eqs. 9-10): v = J^T u + dL/dz - u at z_n; u <- u - beta B_n v.
+        v = jtu + dloss(w) - u
+        u_new = u - beta * _lowrank(us, vs, v, transpose)
+        # Broyden step (eqs. 7-8), alpha = 1.
+        dz = jnp.where(active[:, None], -_lowrank(us, vs, g), 0.0)
+        w_new = w + dz
+        fw_new, jtu_new, ja = fvjp(w_new, u_new)
+        dg = fw_new - w_new - g
+        vt = _lowrank(us, vs, dz, transpose=True)  # dz^T B_n
+        den = jnp.sum(vt * dg, axis=1, keepdims=True)
+        ok = active[:, None] & (jnp.abs(den) > jnp.finfo(den.dtype).tiny) & jnp.isfinite(den)
+        uu = jnp.where(ok, (dz - _lowrank(us, vs, dg)) / jnp.where(ok, den, 1.0), 0.0)
+        vt = jnp.where(ok, vt, 0.0)
+        us = lax.dynamic_update_index_in_dim(us, uu, n, 1)
+        vs = lax.dynamic_update_index_in_dim(vs, vt, n, 1)
+        out = (w_new, u_new, ja, resid(fw_new, w_new))
+        return (w_new, fw_new, jtu_new, u_new, us, vs), out
+
+    _, (ws, uvec, jas, res) = lax.scan(step, (w0, fw0, jtu0, u0, buf, buf), jnp.arange(n_steps))
+    grads = jax.vmap(lambda ga: inj_vjp(ga)[0])(jas)
+    return AdjointResult(grads, ws, uvec, res)
+
+
+@functools.partial(jax.jit, static_argnames=("n_steps", "transpose"))
+def _adjoint_jit(dyn, x, y, beta, tol, *, n_steps, transpose):
+    return _adjoint_run(dyn, x, y, n_steps=n_steps, beta=beta, tol=tol, transpose=transpose)
+
+
+def simultaneous_adjoint(
+    dyn: Dynamics,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    steps: int | None = None,
+    beta: float = 1.0,
+    tol: float | None = None,
+    transpose: bool = True,
+) -> AdjointResult:
+    """Simultaneous adjoint (paper eqs. 9-11) along a Broyden solve of z = f(z, a(x)).
+
+    The forward is Broyden on g(z) = f(z) - z from z_0 = init(x) with B_0 = -I, unit step, rank-1
+    inverse-Jacobian updates kept for all steps (no restart) and per-example freezing once the
+    relative residual is below tol: the iterates are the engine's (`solvers.solve(method=
+    "broyden", memory=N)`). Alongside, from u_0 = 0, with L = CE(readout(z_n), y):
+    v_n = J_f(z_n)^T u_n + dL/dz(z_n) - u_n, u_{n+1} = u_n - beta B_n' v_n, where B_n' is
+    B_n^T (transpose=True: the Newton-like step of the adjoint system, whose Jacobian is
+    J_g^T) or B_n as eq. 10 is printed (transpose=False). Frozen examples keep iterating u.
+    At the fixed point with u converged, grads equal the implicit (IFT) input gradient.
+
+    Args:
+        dyn: the model's Dynamics.
+        x: [B, H, W, C] images in [0, 1]; y: [B] int labels.
+        steps: N (None: dyn.num_states).
+        beta: adjoint step size (> 0).
+        tol: relative-residual stop of the forward (None: dyn.tol).
+        transpose: apply B_n^T (default) or B_n to the adjoint residual.
+
+    Returns:
+        AdjointResult with grads [N, B, H, W, C].
+    """
+    dyn, x, y = _check(dyn, x, y, 1, 1.0, "simultaneous_adjoint")
+    n = dyn.num_states if steps is None else int(steps)
+    if n < 1 or not beta > 0:
+        raise ValueError(f"simultaneous_adjoint: needs steps >= 1 and beta > 0, got {n}, {beta}")
+    tol = dyn.tol if tol is None else float(tol)
+    dt = jnp.asarray(x).dtype
+    return _adjoint_jit(
+        dyn, x, y, jnp.asarray(beta, dt), jnp.asarray(tol, dt), n_steps=n, transpose=transpose
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("n_steps", "transpose", "steps", "random_start"))
+def _adjoint_pgd(
+    dyn,
+    predict,
+    x,
+    y,
+    key,
+    weights,
+    beta,
+    tol,
+    eps,
+    ss,
+    active,
+    *,
+    n_steps,
+    transpose,
+    steps,
+    random_start,
+):
+    wrong = _clean_wrong(predict, x, y, active)
+    todo = active & ~wrong
+
+    def grad_fn(xa):
+        r = _adjoint_run(dyn, xa, y, n_steps=n_steps, beta=beta, tol=tol, transpose=transpose)
+        return jnp.tensordot(weights, r.grads, axes=1)
+
+    xa, fooled, it = _pgd_loop(
+        grad_fn, predict, x, y, key, eps, ss, todo, steps=steps, random_start=random_start
+    )
+    return C.AttackResult(C.where_b(todo, xa, x), fooled | wrong, it)
+
+
+def adjoint_pgd(
+    dyn: Dynamics,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    key: jax.Array,
+    eps: float,
+    state: int | None = None,
+    solver_steps: int | None = None,
+    beta: float = 1.0,
+    tol: float | None = None,
+    transpose: bool = True,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    predict_fn: C.LogitsFn | None = None,
+    active: jax.Array | None = None,
+) -> C.AttackResult:
+    """PGD-Linf on the simultaneous-adjoint gradient of step n (eq. 11) or their sum (eq. 17).
+
+    The adjoint runs alongside the Broyden forward of the current x' at every PGD step.
+
+    Args:
+        dyn, x, y, key, eps, steps, step_size, random_start, predict_fn, active: as
+            `unrolled_intermediate_pgd` (success judged on predict_fn).
+        state: n in 1..N: attack with [dL/dx]_n; None: the ensemble sum over n (eq. 17).
+        solver_steps: N (None: dyn.num_states); beta, tol, transpose: as `simultaneous_adjoint`.
+
+    Returns:
+        AttackResult.
+    """
+    dyn, x, y = _check(dyn, x, y, 1, 1.0, "adjoint_pgd")
+    n = dyn.num_states if solver_steps is None else int(solver_steps)
+    if n < 1 or not beta > 0:
+        raise ValueError(f"adjoint_pgd: needs solver_steps >= 1 and beta > 0, got {n}, {beta}")
+    w = jnp.ones((n,), x.dtype)
+    if state is not None:
+        (s,) = _states(int(state), n, "adjoint_pgd")
+        w = jnp.zeros((n,), x.dtype).at[s - 1].set(1.0)
+    eps_a, ss = _pgd_setup(eps, steps, step_size, "adjoint_pgd", x.dtype)
+    tol = dyn.tol if tol is None else float(tol)
+    return _adjoint_pgd(
+        dyn,
+        _predict(dyn, predict_fn, "adjoint_pgd"),
+        x,
+        y,
+        key,
+        w,
+        jnp.asarray(beta, x.dtype),
+        jnp.asarray(tol, x.dtype),
+        eps_a,
+        ss,
+        C.active_mask(active, x.shape[0]),
+        n_steps=n,
+        transpose=bool(transpose),
+        steps=steps,
+        random_start=bool(random_start),
+    )
