@@ -1,5 +1,7 @@
 """Intermediate-state attacks: unrolled intermediates, gradient ensemble, simultaneous adjoint."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,34 +251,57 @@ def test_input_checks(x64):
         inter.gradient_ensemble_pgd(nopred, x, y, key=jax.random.PRNGKey(0), eps=0.1)
 
 
+def _tiny_deqnet():
+    """A tiny DEQNet whose parameters are filled from NumPy (its JAX initialisers compile one
+    program per shape: ~15 s on a busy CPU)."""
+
+    def make():
+        return DEQNet(
+            in_shape=(12, 12, 1),
+            num_classes=3,
+            channels=(4, 8),
+            expansion=2,
+            num_groups=2,
+            dropout=0.2,
+            head_channels=(2, 4),
+            final_channels=8,
+            stem_strides=(2,),
+            solver=DEQSolver(f_max_iter=4, f_tol=1e-3),
+            rngs=nnx.Rngs(0),
+        )
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = re.findall(r"\['(\w+)'\]", jax.tree_util.keystr(path))[-1]
+        if name in ("v", "kernel"):
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.normal(size=leaf.shape).astype(leaf.dtype) / np.sqrt(fan_in)
+        if name in ("g", "scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name in ("bias", "mean"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        raise AssertionError(f"unexpected DEQNet state leaf {jax.tree_util.keystr(path)}")
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, abstract))
+
+
 def test_deq_dynamics_integration():
-    m = DEQNet(
-        in_shape=(12, 12, 1),
-        num_classes=3,
-        channels=(4, 8),
-        expansion=2,
-        num_groups=2,
-        dropout=0.2,
-        head_channels=(2, 4),
-        final_channels=8,
-        stem_strides=(2,),
-        solver=DEQSolver(f_max_iter=4, f_tol=1e-3),
-        rngs=nnx.Rngs(0),
-    )
+    m = _tiny_deqnet()
     dyn = inter.deq_dynamics(m)
     assert dyn.num_states == 4 and not m.deterministic  # the model itself is untouched
+    assert dyn.predict.func is deq_classifier(m).logits_fn.func  # the real prediction
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 12, 12, 1))
     y = jnp.array([0, 1])
     zs = jax.jit(dyn.trajectory)(x)
-    want = deq_classifier(m).trajectory_fn(x)  # readout of each recorded iterate
-    got = jax.vmap(dyn.readout)(zs)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dyn.predict(x), deq_classifier(m).logits_fn(x), rtol=1e-6)
+    want = jax.jit(deq_classifier(m).trajectory_fn)(x)  # readout of each recorded iterate
+    np.testing.assert_allclose(jax.vmap(dyn.readout)(zs), want, rtol=1e-5, atol=1e-5)
     r = inter.unrolled_intermediate_pgd(
         dyn, x, y, key=jax.random.PRNGKey(2), eps=8 / 255, state=2, unroll=2, steps=2
     )
     assert r.x_adv.shape == x.shape and float(jnp.max(jnp.abs(r.x_adv - x))) <= 8 / 255 + 1e-6
-    wrong = jnp.argmax(dyn.predict(r.x_adv), -1) != y
+    wrong = jnp.argmax(jax.jit(dyn.predict)(r.x_adv), -1) != y
     np.testing.assert_array_equal(r.success, wrong)
     adj = inter.simultaneous_adjoint(dyn, x, y)
     assert adj.grads.shape == (4, *x.shape) and bool(jnp.all(jnp.isfinite(adj.grads)))

@@ -324,31 +324,33 @@ def ensemble_gradient(
 def _pgd_loop(grad_fn, predict, x, y, key, eps, step_size, active, *, steps, random_start):
     """Linf PGD on the surrogate gradient `grad_fn(xa)`; success judged on `predict` only.
 
-    Every iterate (random start included) is checked with `predict`; an example is frozen at the
-    first iterate that fools it. Returns (x_adv, success, iterations).
+    Every iterate (random start and last included) is checked with `predict` (one traced call,
+    so one compiled copy of the model's solver); an example is frozen at the first iterate that
+    fools it. Returns (x_adv, success, iterations).
     """
     x0 = random_start_pgd(key, x, eps, "linf") if random_start else x
     x0 = C.where_b(active, x0, x)
 
-    def check(xa, act, fooled):
-        wrong = act & C.misclassified(predict(xa), y)
-        return act & ~wrong, fooled | wrong
-
     def cond(s):
         i, _, act, _, _ = s
-        return (i < steps) & jnp.any(act)
+        return (i <= steps) & jnp.any(act)
 
     def body(s):
         i, xa, act, fooled, iters = s
-        act, fooled = check(xa, act, fooled)
-        xn = C.project(xa + step_size * jnp.sign(grad_fn(xa)), x, eps, "linf")
-        xa = C.where_b(act, xn, xa)
-        return i + 1, xa, act, fooled, iters + act.astype(jnp.int32)
+        wrong = act & C.misclassified(predict(xa), y)
+        act, fooled = act & ~wrong, fooled | wrong
+
+        def step(xa):
+            xn = C.project(xa + step_size * jnp.sign(grad_fn(xa)), x, eps, "linf")
+            return C.where_b(act, xn, xa)
+
+        more = i < steps
+        xa = lax.cond(more & jnp.any(act), step, lambda xa: xa, xa)
+        return i + 1, xa, act, fooled, iters + (act & more).astype(jnp.int32)
 
     b = x.shape[0]
     init = (jnp.int32(0), x0, active, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-    _, xa, act, fooled, iters = lax.while_loop(cond, body, init)
-    _, fooled = check(xa, act, fooled)
+    _, xa, _, fooled, iters = lax.while_loop(cond, body, init)
     return xa, fooled, iters
 
 
