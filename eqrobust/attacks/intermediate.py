@@ -324,38 +324,35 @@ def ensemble_gradient(
 def _pgd_loop(grad_fn, predict, x, y, key, eps, step_size, active, *, steps, random_start):
     """Linf PGD on the surrogate gradient `grad_fn(xa)`; success judged on `predict` only.
 
-    Every iterate (random start and last included) is checked with `predict` (one traced call,
-    so one compiled copy of the model's solver); an example is frozen at the first iterate that
-    fools it. Returns (x_adv, success, iterations).
+    `predict` is checked on the clean x, then on every iterate (random start and last included),
+    in one traced call (one compiled copy of the model's solver). An example is frozen at the
+    first point that fools it (x itself when the clean prediction is already wrong).
+    Returns (x_adv, success, iterations).
     """
     x0 = random_start_pgd(key, x, eps, "linf") if random_start else x
-    x0 = C.where_b(active, x0, x)
 
     def cond(s):
         i, _, act, _, _ = s
-        return (i <= steps) & jnp.any(act)
+        return (i <= steps + 1) & jnp.any(act)
 
     def body(s):
         i, xa, act, fooled, iters = s
         wrong = act & C.misclassified(predict(xa), y)
         act, fooled = act & ~wrong, fooled | wrong
 
-        def step(xa):
-            xn = C.project(xa + step_size * jnp.sign(grad_fn(xa)), x, eps, "linf")
-            return C.where_b(act, xn, xa)
+        def grad_step(xa):
+            return C.project(xa + step_size * jnp.sign(grad_fn(xa)), x, eps, "linf")
 
-        more = i < steps
-        xa = lax.cond(more & jnp.any(act), step, lambda xa: xa, xa)
-        return i + 1, xa, act, fooled, iters + (act & more).astype(jnp.int32)
+        # i = 0 checked the clean x: move to the start; i = 1..steps: gradient steps.
+        branch = jnp.where(i == 0, 0, jnp.where(i <= steps, 1, 2))
+        xn = lax.switch(branch, [lambda xa: x0, grad_step, lambda xa: xa], xa)
+        stepped = act & (i >= 1) & (i <= steps)
+        return i + 1, C.where_b(act, xn, xa), act, fooled, iters + stepped.astype(jnp.int32)
 
     b = x.shape[0]
-    init = (jnp.int32(0), x0, active, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    init = (jnp.int32(0), x, active, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
     _, xa, _, fooled, iters = lax.while_loop(cond, body, init)
     return xa, fooled, iters
-
-
-def _clean_wrong(predict, x, y, active):
-    return active & C.misclassified(predict(x), y)
 
 
 @functools.partial(
@@ -380,8 +377,6 @@ def _unrolled_pgd(
     state_batch,
 ):
     """PGD per state index (lax.map over idxs): x_adv [S, B, ...], success [S, B], iters."""
-    wrong = _clean_wrong(predict, x, y, active)
-    todo = active & ~wrong
     zs_clean = None if recompute else dyn.trajectory(x)
 
     def one(args):
@@ -392,9 +387,9 @@ def _unrolled_pgd(
             return _unrolled_grad(dyn, zs, xa, y, idx, unroll, lam)
 
         xa, fooled, it = _pgd_loop(
-            grad_fn, predict, x, y, key, eps, ss, todo, steps=steps, random_start=random_start
+            grad_fn, predict, x, y, key, eps, ss, active, steps=steps, random_start=random_start
         )
-        return C.where_b(todo, xa, x), fooled | wrong, it
+        return C.where_b(active, xa, x), fooled, it
 
     return lax.map(one, (idxs, keys), batch_size=state_batch)
 
@@ -403,16 +398,13 @@ def _unrolled_pgd(
 def _ensemble_pgd(
     dyn, predict, x, y, key, idxs, eps, ss, lam, active, *, unroll, steps, random_start
 ):
-    wrong = _clean_wrong(predict, x, y, active)
-    todo = active & ~wrong
-
     def grad_fn(xa):
         return _ensemble_grad(dyn, dyn.trajectory(xa), xa, y, idxs, unroll, lam)
 
     xa, fooled, it = _pgd_loop(
-        grad_fn, predict, x, y, key, eps, ss, todo, steps=steps, random_start=random_start
+        grad_fn, predict, x, y, key, eps, ss, active, steps=steps, random_start=random_start
     )
-    return C.AttackResult(C.where_b(todo, xa, x), fooled | wrong, it)
+    return C.AttackResult(C.where_b(active, xa, x), fooled, it)
 
 
 def _predict(dyn: Dynamics, predict_fn, who: str):
@@ -835,17 +827,15 @@ def _adjoint_pgd(
     steps,
     random_start,
 ):
-    wrong = _clean_wrong(predict, x, y, active)
-    todo = active & ~wrong
 
     def grad_fn(xa):
         r = _adjoint_run(dyn, xa, y, n_steps=n_steps, beta=beta, tol=tol, transpose=transpose)
         return jnp.tensordot(weights, r.grads, axes=1)
 
     xa, fooled, it = _pgd_loop(
-        grad_fn, predict, x, y, key, eps, ss, todo, steps=steps, random_start=random_start
+        grad_fn, predict, x, y, key, eps, ss, active, steps=steps, random_start=random_start
     )
-    return C.AttackResult(C.where_b(todo, xa, x), fooled | wrong, it)
+    return C.AttackResult(C.where_b(active, xa, x), fooled, it)
 
 
 def adjoint_pgd(
