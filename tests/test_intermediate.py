@@ -1,5 +1,6 @@
 """Intermediate-state attacks: unrolled intermediates, gradient ensemble, simultaneous adjoint."""
 
+import dataclasses
 import re
 
 import jax
@@ -169,6 +170,49 @@ def test_ensemble_and_adjoint_pgd_step_along_their_gradients(x64):
         r = inter.adjoint_pgd(dyn, x, y, state=state, predict_fn=never, **kw)
         np.testing.assert_allclose(r.x_adv, jnp.clip(x + 0.04 * jnp.sign(g), 0, 1), atol=1e-15)
         assert not bool(jnp.any(r.success))
+
+
+def _wild_states(u, x):
+    """Stand-in recorded states that swing with x (leaves [5, B, D]), so that where they are
+    taken from changes the surrogate's sign."""
+    a = _inject(u, x)
+    return jnp.stack([jnp.sin(40.0 * (i + 1) * a) for i in range(5)])
+
+
+def test_states_are_recomputed_from_the_current_iterate(x64):
+    dyn, p = _dyn()
+    dyn = dataclasses.replace(dyn, trajectory=Partial(_wild_states, p[1]))
+    x, y = _x(), jnp.zeros((3,), jnp.int32)
+    never = Partial(_const, jnp.array([5.0, 0.0, 0.0]))
+    kw = dict(key=jax.random.PRNGKey(0), eps=0.2, state=3, unroll=1, lam=0.5, steps=3)
+    kw.update(step_size=0.05, random_start=False, predict_fn=never)
+
+    def manual(states_of):
+        xa = x
+        for _ in range(3):
+            zs = _wild_states(p[1], states_of(xa))
+            g = jax.grad(_explicit_unrolled_loss, 2)(p, zs[2], xa, y, 1, 0.5)
+            xa = jnp.clip(jnp.clip(xa + 0.05 * jnp.sign(g), x - 0.2, x + 0.2), 0, 1)
+        return xa
+
+    moving, fixed = manual(lambda xa: xa), manual(lambda xa: x)
+    assert float(jnp.max(jnp.abs(moving - fixed))) > 0.01  # the choice matters here
+    r = inter.unrolled_intermediate_pgd(dyn, x, y, **kw)
+    np.testing.assert_allclose(r.x_adv, moving, atol=1e-15)
+    np.testing.assert_array_equal(r.iterations, [3, 3, 3])
+    r = inter.unrolled_intermediate_pgd(dyn, x, y, recompute_states=False, **kw)
+    np.testing.assert_allclose(r.x_adv, fixed, atol=1e-15)
+
+
+def test_clean_errors_and_inactive_examples(x64):
+    dyn, _ = _dyn()
+    x, y = _x(), jnp.zeros((3,), jnp.int32)
+    always = Partial(_const, jnp.array([0.0, 5.0, 0.0]))  # every example already wrong
+    kw = dict(key=jax.random.PRNGKey(0), eps=0.1, steps=3, predict_fn=always)
+    r = inter.gradient_ensemble_pgd(dyn, x, y, active=jnp.array([True, False, True]), **kw)
+    np.testing.assert_array_equal(r.success, [True, False, True])  # broken at x itself
+    np.testing.assert_array_equal(r.x_adv, x)
+    np.testing.assert_array_equal(r.iterations, [0, 0, 0])
 
 
 def _implicit_input_gradient(p, x, y):

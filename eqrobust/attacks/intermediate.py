@@ -1,5 +1,4 @@
-"""Intermediate-state attacks on equilibrium models: unrolled intermediates, gradient ensemble,
-simultaneous adjoint (Yang et al., 2022, "A closer look at the adversarial robustness of DEQs")."""
+"""Intermediate-state attacks on equilibrium models: unrolled intermediates, ensemble, adjoint."""
 
 from __future__ import annotations
 
@@ -253,13 +252,17 @@ def _states(states: int | Sequence[int] | None, n: int, who: str) -> tuple[int, 
     return s
 
 
-def _check(dyn, x, y, unroll, lam, who):
-    dyn = _canon(dyn)
-    x, y = C.check_inputs(x, y, who)
+def _check_unroll(unroll: int, lam: float, who: str) -> None:
     if not (isinstance(unroll, int) and unroll >= 1):
         raise ValueError(f"{who}: unroll (K) must be an int >= 1, got {unroll!r}")
     if not 0.0 < float(lam) <= 1.0:
         raise ValueError(f"{who}: lam must be in (0, 1], got {lam!r}")
+
+
+def _check(dyn, x, y, unroll, lam, who):
+    dyn = _canon(dyn)
+    x, y = C.check_inputs(x, y, who)
+    _check_unroll(unroll, lam, who)
     return dyn, x, y
 
 
@@ -602,10 +605,9 @@ def unrolled_intermediate_grid(
     unrolls, lams = tuple(int(k) for k in unrolls), tuple(float(v) for v in lams)
     if not unrolls or not lams:
         raise ValueError(f"{who}: unrolls and lams must be non-empty")
-    for k in unrolls:
-        for v in lams:
-            dyn2, x2, y2 = _check(dyn, x, y, k, v, who)
-    dyn, x, y = dyn2, x2, y2
+    for k, v in ((k, v) for k in unrolls for v in lams):
+        _check_unroll(k, v, who)
+    dyn, x, y = _check(dyn, x, y, 1, 1.0, who)
     s = _states(states, dyn.num_states, who)
     eps_a, ss = _pgd_setup(eps, steps, step_size, who, x.dtype)
     predict = _predict(dyn, predict_fn, who)
