@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -242,11 +243,15 @@ def _ensemble_grad_jit(dyn, x, y, idxs, lam, *, unroll):
     return _ensemble_grad(dyn, dyn.trajectory(x), x, y, idxs, unroll, lam)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) or (hasattr(v, "ndim") and v.ndim == 0)
+
+
 def _states(states: int | Sequence[int] | None, n: int, who: str) -> tuple[int, ...]:
     """1-based state indices, checked against N."""
     if states is None:
         return tuple(range(1, n + 1))
-    s = (states,) if isinstance(states, int) else tuple(int(i) for i in states)
+    s = (int(states),) if _is_int(states) else tuple(int(i) for i in states)
     if not s or any(not 1 <= i <= n for i in s):
         raise ValueError(f"{who}: state indices must be in 1..{n} (num_states), got {states!r}")
     return s
@@ -295,7 +300,7 @@ def unrolled_gradient(
     s = _states(state, dyn.num_states, "unrolled_gradient")
     idxs = jnp.asarray(s, jnp.int32) - 1
     g = _unrolled_grad_jit(dyn, x, y, idxs, jnp.asarray(lam, x.dtype), unroll=unroll)
-    return g[0] if isinstance(state, int) else g
+    return g[0] if _is_int(state) else g
 
 
 def ensemble_gradient(
@@ -551,8 +556,10 @@ class GridResult(NamedTuple):
     Attributes:
         x_adv: [B, H, W, C]: per example, the x_adv of the first grid cell (in (i, K, lam) order)
             that fooled predict_fn; x where none did.
-        robust: [B] bool, robust in every cell (the minimum over the grid).
-        cell_robust: [S, nK, nL, B] bool per grid cell.
+        robust: [B] bool, robust in every cell (the minimum over the grid); examples outside
+            `active` (not attacked) count as robust.
+        cell_robust: [S, nK, nL, B] bool per grid cell (not fooled: predict_fn right on x and
+            on every PGD iterate of that cell).
         accuracy: [S, nK, nL] robust accuracy per cell (mean of cell_robust over the batch).
         strongest: (i, K, lam) of the cell with the lowest accuracy (first in grid order on ties).
         states, unrolls, lams: the grid axes.
