@@ -200,6 +200,63 @@ def deq_dynamics(model: Any, *, ift: bool | None = None) -> Dynamics:
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _ep_fns(cfg: Any):
+    from eqrobust import energy, ep
+
+    step = energy.UPDATES[cfg.update]
+
+    def inject(params, x):  # EP's input enters the first layer's energy term directly
+        return x
+
+    def f(params, z, a):
+        return step(params, a, z, config=cfg.energy)
+
+    def readout(params, z):
+        return energy.readout(params, z, cfg.energy)
+
+    def trajectory(params, x):
+        sol = ep.free_phase(params, x, cfg, record=cfg.t1, stop="never")
+        return lax.stop_gradient(sol.trajectory.z)
+
+    def init(params, x):
+        return energy.zero_states(cfg.energy, x.shape[0], params[0].w.dtype)
+
+    return inject, f, readout, trajectory, init
+
+
+def ep_dynamics(params: Any, config: Any, *, predict: Callable | None = None) -> Dynamics:
+    """The `Dynamics` of an EP-CNN's free phase: z_1..z_T (T = config.t1) of its update map.
+
+    The unrolled-intermediate attacks then apply one free-phase update to the detached state z_i
+    and K damped ones, with the input gradient through the update's dependence on x (no published
+    study attacked EP this way). `num_states` is T; pass `states=` to the grid to attack a subset.
+
+    Args:
+        params: EP `Params`.
+        config: `eqrobust.ep.EPConfig`.
+        predict: the real prediction (default: the t1-step free phase, `ep.classifier`'s logits).
+
+    Returns:
+        Dynamics with tol = config.free_tol (used only by the adjoint's Broyden).
+    """
+    from eqrobust import ep
+
+    inject, f, readout, trajectory, init = _ep_fns(config)
+    if predict is None:
+        predict = ep.classifier(params, config).logits_fn
+    return Dynamics(
+        inject=Partial(inject, params),
+        f=Partial(f, params),
+        readout=Partial(readout, params),
+        trajectory=Partial(trajectory, params),
+        init=Partial(init, params),
+        predict=predict,
+        num_states=int(config.t1),
+        tol=float(config.free_tol or 1e-3),
+    )
+
+
 # ----------------------------------------------------------------------------- surrogate gradients
 
 

@@ -41,6 +41,21 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     for v in parts[1:]:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; expected any of {VARIANTS}")
+    c = _cpu_config(scale)
+    if scale == "smoke":
+        _smoke(c)
+    elif scale in ("paper", "paper_xl"):
+        _paper(c, xl=scale == "paper_xl")
+    _apply_variants(c, parts[1:])
+    c.name = (
+        f"DEQ({c.objective}{',rand' if c.random_intermediate else ''}"
+        f"{',jac' if c.jac.weight else ''},{'exact' if c.model.ift else 'phantom'})"
+    )
+    return c
+
+
+def _cpu_config(scale: str) -> ml_collections.ConfigDict:
+    """The cpu recipe, the base the other scales modify."""
     c = ml_collections.ConfigDict()
     c.trainer = "deq"
     c.scale = scale
@@ -99,60 +114,66 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 0  # 0: once per epoch
     c.keep_checkpoints = 2
+    return c
 
-    if scale == "smoke":
-        c.dataset = "synthetic"
-        c.dataset_options = ml_collections.ConfigDict(
-            dict(num_train=512, num_test=128, shape=(28, 28, 1), num_classes=10, seed=0)
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+    """Synthetic 28x28 data and tiny branches: seconds per run (tests)."""
+    c.dataset = "synthetic"
+    c.dataset_options = ml_collections.ConfigDict(
+        dict(num_train=512, num_test=128, shape=(28, 28, 1), num_classes=10, seed=0)
+    )
+    c.num_train = None
+    c.num_val = 64
+    c.model.update(
+        dict(channels=(4, 8), num_groups=2, head_channels=(2, 4), final_channels=16, dropout=0.1)
+    )
+    c.batch_size = 32
+    c.num_epochs = 3
+    c.pretrain_steps = 5
+    c.log_every_steps = 5
+    c.adv.steps = 2
+    c.jac.update(dict(freq=0.5, stop_epoch=2))
+    c.val.update(dict(pgd_steps=2, pgd_examples=32))
+    c.eval_batch_size = 64
+
+
+def _paper(c: ml_collections.ConfigDict, *, xl: bool) -> None:
+    """CIFAR-10, DEQ-Large(reg) (or its XL widths) and the papers' training recipe."""
+    c.dataset = "cifar10"
+    c.num_train = None
+    c.num_val = 5000
+    c.model.update(
+        dict(
+            channels=(32, 64, 128, 256),
+            expansion=5,
+            num_groups=8,
+            dropout=0.22,
+            head_channels=(14, 28, 56, 112),
+            final_channels=1680,
+            stem_strides=(1,),
         )
-        c.num_train = None
-        c.num_val = 64
+    )
+    if xl:
         c.model.update(
             dict(
-                channels=(4, 8), num_groups=2, head_channels=(2, 4), final_channels=16, dropout=0.1
+                channels=(72, 144, 288, 576),
+                head_channels=(20, 40, 80, 160),
+                final_channels=1800,
             )
         )
-        c.batch_size = 32
-        c.num_epochs = 3
-        c.pretrain_steps = 5
-        c.log_every_steps = 5
-        c.adv.steps = 2
-        c.jac.update(dict(freq=0.5, stop_epoch=2))
-        c.val.update(dict(pgd_steps=2, pgd_examples=32))
-        c.eval_batch_size = 64
-    elif scale in ("paper", "paper_xl"):
-        c.dataset = "cifar10"
-        c.num_train = None
-        c.num_val = 5000
-        c.model.update(
-            dict(
-                channels=(32, 64, 128, 256),
-                expansion=5,
-                num_groups=8,
-                dropout=0.22,
-                head_channels=(14, 28, 56, 112),
-                final_channels=1680,
-                stem_strides=(1,),
-            )
-        )
-        if scale == "paper_xl":
-            c.model.update(
-                dict(
-                    channels=(72, 144, 288, 576),
-                    head_channels=(20, 40, 80, 160),
-                    final_channels=1800,
-                )
-            )
-        c.adv.update(dict(eps=8 / 255, steps=10, step_size=2 / 255))
-        c.val.update(dict(eps=8 / 255, step_size=2 / 255, pgd_steps=10, pgd_examples=1000))
-        c.jac.update(dict(weight=0.4, freq=0.02, probes=2, stop_epoch=90))
-        c.augment.update(dict(crop_padding=4, pad_mode="constant", flip=True))
-        c.optimizer.lr = 1e-3
-        c.pretrain_steps = 16000
-        c.batch_size = 96
-        c.num_epochs = 220
+    c.adv.update(dict(eps=8 / 255, steps=10, step_size=2 / 255))
+    c.val.update(dict(eps=8 / 255, step_size=2 / 255, pgd_steps=10, pgd_examples=1000))
+    c.jac.update(dict(weight=0.4, freq=0.02, probes=2, stop_epoch=90))
+    c.augment.update(dict(crop_padding=4, pad_mode="constant", flip=True))
+    c.optimizer.lr = 1e-3
+    c.pretrain_steps = 16000
+    c.batch_size = 96
+    c.num_epochs = 220
 
-    for v in parts[1:]:
+
+def _apply_variants(c: ml_collections.ConfigDict, variants: list[str]) -> None:
+    for v in variants:
         if v in ("clean", "pgd_at", "trades"):
             c.objective = v
         elif v in ("rand", "norand"):
@@ -161,8 +182,3 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
             c.jac.weight = 0.0 if v == "nojac" else (c.jac.weight or 0.4)
         else:
             c.model.ift = v == "exact"
-    c.name = (
-        f"DEQ({c.objective}{',rand' if c.random_intermediate else ''}"
-        f"{',jac' if c.jac.weight else ''},{'exact' if c.model.ift else 'phantom'})"
-    )
-    return c

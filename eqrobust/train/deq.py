@@ -84,6 +84,211 @@ def _steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(n_train // batch_size, 1)
 
 
+class _Steps:
+    """The jitted pieces of a DEQ run: forward, training adversary, pretraining / main step."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, model: DEQNet, graphdef, tx, schedule, spe
+    ):
+        self.graphdef = graphdef
+        self.tx, self.schedule = tx, schedule
+        self.objective = config.get("objective", "clean")
+        self.n_iter = model.solver.f_max_iter
+        self.pretrain_steps = int(config.get("pretrain_steps", 0) or 0)
+        self.rand_inter = bool(config.get("random_intermediate", False))
+        jac = config.jac
+        self.jac_weight, self.jac_freq = float(jac.weight), float(jac.freq)
+        self.jac_stop_step = int(jac.stop_epoch) * spe
+        self.jac_probes, self.jac_delta = int(jac.probes), int(jac.get("rand_f_thres_delta", 2))
+        self.adv = config.adv
+        self.trades_beta = float(config.trades_beta)
+
+    def forward(self, params, rest, x, *, train: bool, key=None, **kw):
+        """(DEQOutput, the updated non-parameter state) of the model in train or eval mode."""
+        m = nnx.merge(self.graphdef, params, rest, copy=True)
+        m.train() if train else m.eval()
+        out = m.equilibrium(x, key=key, **kw)
+        return out, nnx.state(m, nnx.Not(nnx.Param))
+
+    def eval_logits(self, state: dict, x: jax.Array) -> jax.Array:
+        return self.forward(state["params"], state["rest"], x, train=False)[0].logits
+
+    def craft(self, state: dict, x, y, key, k):
+        """Training adversary in eval mode (dropout off), with the step's k if random-inter."""
+        logits_fn = jax.tree_util.Partial(
+            lambda p, r, kk, xx: self.forward(p, r, xx, train=False, k=kk)[0].logits,
+            state["params"],
+            state["rest"],
+            k,
+        )
+        eps, step_size, steps = float(self.adv.eps), float(self.adv.step_size), int(self.adv.steps)
+        if self.objective == "pgd_at":
+            res = pgd(
+                logits_fn,
+                x,
+                y,
+                key=key,
+                eps=eps,
+                norm="linf",
+                steps=steps,
+                step_size=step_size,
+                random_start=True,
+            )
+            return jax.lax.stop_gradient(res.x_adv)
+        return trades_attack(logits_fn, x, key=key, eps=eps, steps=steps, step_size=step_size)
+
+    def _finish(self, state, grads, rest, loss, logits, y, stats, jac_val, pre):
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        count = state["step"]
+        m = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            "residual": stats[0],
+            "solver_steps": stats[1],
+            "jac_loss": jac_val,
+            "pretrain": jnp.asarray(pre, jnp.float32),
+            "lr": self.schedule(count),
+        }
+        return {"params": params, "rest": rest, "opt": opt, "step": count + 1}, m
+
+    @staticmethod
+    def _stats(out):
+        return jnp.mean(out.residual), jnp.mean(out.steps.astype(jnp.float32))
+
+    def pretrain_step(self, state, x, y, key):
+        """The weight-tied unrolled net on clean data (BPTT)."""
+
+        def loss_fn(params):
+            out, rest = self.forward(
+                params, state["rest"], x, train=True, key=key, pretrain=True, final_residual=True
+            )
+            return cross_entropy(out.logits, y), (out, rest)
+
+        (loss, (out, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        return self._finish(
+            state, grads, rest, loss, out.logits, y, self._stats(out), jnp.zeros(()), 1.0
+        )
+
+    def _jac_kwargs(self, k, k_jit, k_probe) -> dict:
+        """Solver arguments of a Jacobian-loss step, with the reference's iteration jitter."""
+        n, d = self.n_iter, self.jac_delta
+        jit = jax.random.randint(k_jit, (), -d, d) if d else 0
+        hi = n + max(d - 1, 0)
+        return {
+            "k": jnp.clip((k if k is not None else n) + jit, 1, hi),
+            "k_min": 1 if self.rand_inter else max(n - d, 1),
+            "max_iter": hi,
+            "jac_probes": self.jac_probes,
+            "jac_key": k_probe,
+        }
+
+    def main_step(self, state, x, y, key):
+        """Clean / PGD-AT / TRADES step on the DEQ, Jacobian loss with probability jac.freq."""
+        k_k, k_adv, k_d1, k_d2, k_flag, k_jit, k_probe = jax.random.split(key, 7)
+        k = jax.random.randint(k_k, (), 1, self.n_iter + 1) if self.rand_inter else None
+        x_in = x if self.objective == "clean" else self.craft(state, x, y, k_adv, k)
+
+        def loss_fn(params, with_jac: bool):
+            kw = self._jac_kwargs(k, k_jit, k_probe) if with_jac else {"k": k}
+            out, rest = self.forward(params, state["rest"], x_in, train=True, key=k_d1, **kw)
+            if self.objective == "trades":
+                nat, rest = self.forward(params, rest, x, train=True, key=k_d2, k=k)
+                kl = trades_kl(nat.logits, out.logits) / x.shape[0]
+                loss = cross_entropy(nat.logits, y) + self.trades_beta * kl
+                logits = nat.logits
+            else:
+                loss = cross_entropy(out.logits, y)
+                logits = out.logits
+            jv = out.jac_loss if with_jac else jnp.zeros(())
+            return loss + self.jac_weight * jv, (loss, logits, self._stats(out), rest, jv)
+
+        def grads_of(with_jac):
+            def g(params):
+                f = jax.value_and_grad(lambda p: loss_fn(p, with_jac), has_aux=True)
+                (_, aux), grads = f(params)
+                return aux, grads
+
+            return g
+
+        if self.jac_weight > 0 and self.jac_freq > 0:
+            on = jax.random.bernoulli(k_flag, self.jac_freq) & (state["step"] < self.jac_stop_step)
+            aux, grads = jax.lax.cond(on, grads_of(True), grads_of(False), state["params"])
+        else:
+            aux, grads = grads_of(False)(state["params"])
+        loss, logits, stats, rest, jv = aux
+        return self._finish(state, grads, rest, loss, logits, y, stats, jv, 0.0)
+
+    def train_step(self, state, x, y, key):
+        if self.pretrain_steps <= 0:
+            return self.main_step(state, x, y, key)
+        return jax.lax.cond(
+            state["step"] < self.pretrain_steps,
+            self.pretrain_step,
+            self.main_step,
+            state,
+            x,
+            y,
+            key,
+        )
+
+
+def make_validator(steps: _Steps, config: ml_collections.ConfigDict, x_val, y_val):
+    """state -> validation row: clean accuracy, residuals, solver steps, PGD-10 accuracy."""
+    val = config.val
+    n_pgd = min(int(val.pgd_examples), len(x_val))
+    val_bs = int(config.get("eval_batch_size", 500))
+    forward = steps.forward
+
+    @jax.jit
+    def val_clean(state, x):
+        out, _ = forward(state["params"], state["rest"], x, train=False, final_residual=True)
+        return out.logits, out.residual, out.steps, out.final_residual
+
+    def _val_logits(p, r, xx):  # one function object: the PGD core compiles once per run
+        return forward(p, r, xx, train=False)[0].logits
+
+    def validate(state) -> dict:
+        t0 = time.time()
+        correct, res, fres, nsteps = 0, [], [], []
+        for i in range(0, len(x_val), val_bs):
+            xb = data_lib.to_float(x_val[i : i + val_bs])
+            logits, r, s, fr = val_clean(state, xb)
+            correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(y_val[i : i + val_bs])))
+            res.append(np.asarray(r))
+            fres.append(np.asarray(fr))
+            nsteps.append(np.asarray(s))
+        row = {
+            "val_clean_accuracy": correct / len(x_val),
+            "val_residual": float(np.mean(np.concatenate(res))),
+            "val_final_residual": float(np.mean(np.concatenate(fres))),
+            "val_solver_steps": float(np.mean(np.concatenate(nsteps))),
+        }
+        if n_pgd:
+            clf_fn = jax.tree_util.Partial(_val_logits, state["params"], state["rest"])
+            ok = 0
+            for i in range(0, n_pgd, val_bs):
+                xb = data_lib.to_float(x_val[i : min(i + val_bs, n_pgd)])
+                yb = jnp.asarray(y_val[i : min(i + val_bs, n_pgd)])
+                r = pgd(
+                    clf_fn,
+                    xb,
+                    yb,
+                    key=jax.random.PRNGKey(i),
+                    eps=float(val.eps),
+                    norm="linf",
+                    steps=int(val.pgd_steps),
+                    step_size=float(val.step_size),
+                    random_start=True,
+                )
+                ok += int(jnp.sum(~r.success & (jnp.argmax(clf_fn(xb), -1) == yb)))
+            row["val_pgd_accuracy"] = ok / n_pgd
+        row["val_time_s"] = round(time.time() - t0, 2)
+        return row
+
+    return validate
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | Path | None,
@@ -112,8 +317,7 @@ def train(
     if not isinstance(model, DEQNet):
         raise ValueError("the deq trainer needs config.model.name = 'deq'")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    bs = int(config.batch_size)
-    spe = _steps_per_epoch(len(ds.x_train), bs)
+    spe = _steps_per_epoch(len(ds.x_train), int(config.batch_size))
     num_steps = config.get("num_steps", 0) or 0
     total = int(num_steps) if num_steps else int(config.num_epochs) * spe
     tx, schedule = make_optimizer(config, total)
@@ -123,196 +327,11 @@ def train(
         "opt": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
     }
-    sp = model.solver
-    n_iter = sp.f_max_iter
-    pretrain_steps = int(config.get("pretrain_steps", 0) or 0)
-    rand_inter = bool(config.get("random_intermediate", False))
-    jac = config.jac
-    jac_weight, jac_freq = float(jac.weight), float(jac.freq)
-    jac_stop_step = int(jac.stop_epoch) * spe
-    jac_probes, jac_delta = int(jac.probes), int(jac.get("rand_f_thres_delta", 2))
-    adv = config.adv
-
-    def forward(params, rest, x, *, train: bool, key=None, **kw):
-        m = nnx.merge(graphdef, params, rest, copy=True)
-        m.train() if train else m.eval()
-        out = m.equilibrium(x, key=key, **kw)
-        return out, nnx.state(m, nnx.Not(nnx.Param))
-
-    def eval_logits(state: dict, x: jax.Array) -> jax.Array:
-        return forward(state["params"], state["rest"], x, train=False)[0].logits
-
-    def craft(state: dict, x, y, key, k):
-        """Training adversary in eval mode (dropout off), with the step's k if random-inter."""
-        logits_fn = jax.tree_util.Partial(
-            lambda p, r, kk, xx: forward(p, r, xx, train=False, k=kk)[0].logits,
-            state["params"],
-            state["rest"],
-            k,
-        )
-        eps, step_size = float(adv.eps), float(adv.step_size)
-        if objective == "pgd_at":
-            res = pgd(
-                logits_fn,
-                x,
-                y,
-                key=key,
-                eps=eps,
-                norm="linf",
-                steps=int(adv.steps),
-                step_size=step_size,
-                random_start=True,
-            )
-            return jax.lax.stop_gradient(res.x_adv)
-        return trades_attack(
-            logits_fn, x, key=key, eps=eps, steps=int(adv.steps), step_size=step_size
-        )
-
-    def update(state, grads):
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        return optax.apply_updates(state["params"], updates), opt
-
-    def metrics_of(loss, logits, y, stats, jac_val, pre, count):
-        return {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-            "residual": stats[0],
-            "solver_steps": stats[1],
-            "jac_loss": jac_val,
-            "pretrain": jnp.asarray(pre, jnp.float32),
-            "lr": schedule(count),
-        }
-
-    def pretrain_step(state, x, y, key):
-        count = state["step"]
-
-        def loss_fn(params):
-            out, rest = forward(
-                params, state["rest"], x, train=True, key=key, pretrain=True, final_residual=True
-            )
-            return cross_entropy(out.logits, y), (out, rest)
-
-        (loss, (out, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        params, opt = update(state, grads)
-        stats = (jnp.mean(out.residual), jnp.mean(out.steps.astype(jnp.float32)))
-        m = metrics_of(loss, out.logits, y, stats, jnp.zeros(()), 1.0, count)
-        return {"params": params, "rest": rest, "opt": opt, "step": count + 1}, m
-
-    def main_step(state, x, y, key):
-        count = state["step"]
-        k_k, k_adv, k_d1, k_d2, k_flag, k_jit, k_probe = jax.random.split(key, 7)
-        k = jax.random.randint(k_k, (), 1, n_iter + 1) if rand_inter else None
-        x_in = x if objective == "clean" else craft(state, x, y, k_adv, k)
-
-        def loss_fn(params, with_jac: bool):
-            kw: dict = {"k": k}
-            if with_jac:
-                # The reference's solver-iteration jitter on Jacobian-loss steps.
-                jit = jax.random.randint(k_jit, (), -jac_delta, jac_delta) if jac_delta else 0
-                base = k if k is not None else n_iter
-                hi = n_iter + max(jac_delta - 1, 0)
-                kw = {
-                    "k": jnp.clip(base + jit, 1, hi),
-                    "k_min": 1 if rand_inter else max(n_iter - jac_delta, 1),
-                    "max_iter": hi,
-                    "jac_probes": jac_probes,
-                    "jac_key": k_probe,
-                }
-            out, rest = forward(params, state["rest"], x_in, train=True, key=k_d1, **kw)
-            if objective == "trades":
-                nat, rest = forward(params, rest, x, train=True, key=k_d2, k=k)
-                loss = (
-                    cross_entropy(nat.logits, y)
-                    + float(config.trades_beta) * trades_kl(nat.logits, out.logits) / x.shape[0]
-                )
-                logits = nat.logits
-            else:
-                loss = cross_entropy(out.logits, y)
-                logits = out.logits
-            jv = out.jac_loss if with_jac else jnp.zeros(())
-            stats = (jnp.mean(out.residual), jnp.mean(out.steps.astype(jnp.float32)))
-            return loss + jac_weight * jv, (loss, logits, stats, rest, jv)
-
-        def grads_of(with_jac):
-            def g(params):
-                (_, aux), grads = jax.value_and_grad(lambda p: loss_fn(p, with_jac), has_aux=True)(
-                    params
-                )
-                return aux, grads
-
-            return g
-
-        use_jac = jac_weight > 0 and jac_freq > 0
-        if use_jac:
-            on = jax.random.bernoulli(k_flag, jac_freq) & (count < jac_stop_step)
-            aux, grads = jax.lax.cond(on, grads_of(True), grads_of(False), state["params"])
-        else:
-            aux, grads = grads_of(False)(state["params"])
-        loss, logits, stats, rest, jv = aux
-        params, opt = update(state, grads)
-        m = metrics_of(loss, logits, y, stats, jv, 0.0, count)
-        return {"params": params, "rest": rest, "opt": opt, "step": count + 1}, m
-
-    def train_step(state, x, y, key):
-        if pretrain_steps <= 0:
-            return main_step(state, x, y, key)
-        count = state["step"]
-        return jax.lax.cond(count < pretrain_steps, pretrain_step, main_step, state, x, y, key)
-
-    # ------------------------------------------------------------------ validation per epoch
-    val = config.val
-    n_pgd = min(int(val.pgd_examples), len(x_val))
-    val_bs = int(config.get("eval_batch_size", 500))
-
-    @jax.jit
-    def val_clean(state, x):
-        out, _ = forward(state["params"], state["rest"], x, train=False, final_residual=True)
-        return out.logits, out.residual, out.steps, out.final_residual
-
-    def _val_logits(p, r, xx):  # one function object: the PGD core compiles once per run
-        return forward(p, r, xx, train=False)[0].logits
-
-    def validate(state) -> dict:
-        t0 = time.time()
-        correct, res, fres, steps = 0, [], [], []
-        for i in range(0, len(x_val), val_bs):
-            xb = data_lib.to_float(x_val[i : i + val_bs])
-            logits, r, s, fr = val_clean(state, xb)
-            correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(y_val[i : i + val_bs])))
-            res.append(np.asarray(r))
-            fres.append(np.asarray(fr))
-            steps.append(np.asarray(s))
-        row = {
-            "val_clean_accuracy": correct / len(x_val),
-            "val_residual": float(np.mean(np.concatenate(res))),
-            "val_final_residual": float(np.mean(np.concatenate(fres))),
-            "val_solver_steps": float(np.mean(np.concatenate(steps))),
-        }
-        if n_pgd:
-            clf_fn = jax.tree_util.Partial(_val_logits, state["params"], state["rest"])
-            ok = 0
-            for i in range(0, n_pgd, val_bs):
-                xb = data_lib.to_float(x_val[i : min(i + val_bs, n_pgd)])
-                yb = jnp.asarray(y_val[i : min(i + val_bs, n_pgd)])
-                r = pgd(
-                    clf_fn,
-                    xb,
-                    yb,
-                    key=jax.random.PRNGKey(i),
-                    eps=float(val.eps),
-                    norm="linf",
-                    steps=int(val.pgd_steps),
-                    step_size=float(val.step_size),
-                    random_start=True,
-                )
-                ok += int(jnp.sum(~r.success & (jnp.argmax(clf_fn(xb), -1) == yb)))
-            row["val_pgd_accuracy"] = ok / n_pgd
-        row["val_time_s"] = round(time.time() - t0, 2)
-        return row
-
+    steps = _Steps(config, model, graphdef, tx, schedule, spe)
+    validate = make_validator(steps, config, x_val, y_val)
+    n_pgd = min(int(config.val.pgd_examples), len(x_val))
     select_key = "val_clean_accuracy" if objective == "clean" or not n_pgd else "val_pgd_accuracy"
 
-    # ------------------------------------------------------------------ epochs through fit
     wd = Path(workdir) if workdir is not None else None
     fit_cfg = ml_collections.ConfigDict(config.to_dict())
     fit_cfg.data_dir = config.get("data_dir", None)
@@ -349,24 +368,19 @@ def train(
         workdir=wd,
         data=ds,
         init_state=init_state,
-        train_step=train_step,
-        eval_logits=eval_logits,
+        train_step=steps.train_step,
+        eval_logits=steps.eval_logits,
         stop_at_step=stop_at_step,
         on_epoch_end=validate_and_select,
     )
     state, history, step = result.state, result.history, result.step
-    best_state = selected.get("state")
-
-    sel = {"params": state["params"], "rest": state["rest"]}
-    if best_state is not None:
-        sel = best_state
-    elif wd is not None and (wd / "best").exists():
+    sel = selected.get("state") or {"params": state["params"], "rest": state["rest"]}
+    if "state" not in selected and wd is not None and (wd / "best").exists():
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, sel)
         sel = ckptr.restore((wd / "best").absolute(), abstract)
     nnx.update(model, sel["params"], sel["rest"])
     model.eval()
-    name = config.get("name", "DEQ")
-    clf = deq_classifier(model, name=name)
+    clf = deq_classifier(model, name=config.get("name", "DEQ"))
     test_acc = float(
         _accuracy(clf.logits_fn, full.x_test, full.y_test, batch_size=int(config.eval_batch_size))
     )
