@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -57,6 +59,8 @@ class Classifier:
         randomized: the forward draws fresh randomness per call (attacks need EOT).
         test_time_optimization: the forward optimises something at test time (e.g. entropy
             reduction); attacks must be adaptive through that optimisation.
+        residual_fn: optional x -> [B] relative residual ||f(z) - z|| / ||f(z)|| of the state the
+            prediction reads out (equilibrium models); a measurement, checked by the evaluation.
     """
 
     logits_fn: Callable[[jax.Array], jax.Array]
@@ -66,6 +70,7 @@ class Classifier:
     gradient: GradientPath | None = None
     randomized: bool = False
     test_time_optimization: bool = False
+    residual_fn: Callable[[jax.Array], jax.Array] | None = None
 
     @property
     def gradient_matches_prediction(self) -> bool:
@@ -84,3 +89,42 @@ class Classifier:
             f"prediction depth {self.prediction_depth}" if self.prediction_depth else "feedforward"
         )
         return f"gradient: {self.gradient or 'autodiff'}; {pred}"
+
+
+PyTree = Any
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["inject", "f", "readout", "trajectory", "init", "predict"],
+    meta_fields=["num_states", "tol"],
+)
+@dataclasses.dataclass(frozen=True)
+class Dynamics:
+    """An equilibrium model as the intermediate-state attacks see it (eval mode, pure functions).
+
+    Every function should be a `jax.tree_util.Partial` binding the model's arrays, so that the
+    compiled attack programs take them as arguments and are shared between models of one
+    architecture (plain callables work too; they are static).
+
+    Attributes:
+        inject: x [B, H, W, C] -> a (pytree, leaves [B, ...]): the input injection; the only path
+            from x to the dynamics.
+        f: (z, a) -> z: one cell step; z a pytree with leaves [B, ...], examples independent.
+        readout: z -> logits [B, K].
+        trajectory: x -> z_1..z_N (leaves [N, B, ...]): the recorded forward-solver iterates,
+            treated as constants (no gradient).
+        init: x -> z_0 (leaves [B, ...]), the solver's initial state (zeros for a DEQ).
+        predict: x -> logits [B, K], the model's real (defended) prediction, or None.
+        num_states: N, the number of recorded iterates.
+        tol: the forward solver's relative-residual stop (the adjoint's Broyden uses it).
+    """
+
+    inject: Callable[[jax.Array], PyTree]
+    f: Callable[[PyTree, PyTree], PyTree]
+    readout: Callable[[PyTree], jax.Array]
+    trajectory: Callable[[jax.Array], PyTree]
+    init: Callable[[jax.Array], PyTree]
+    predict: Callable[[jax.Array], jax.Array] | None
+    num_states: int
+    tol: float = 1e-3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from eqrobust import energy, ops, solvers
-from eqrobust.classifier import Classifier, GradientPath
+from eqrobust.classifier import Classifier, Dynamics, GradientPath
 from eqrobust.energy import EnergyConfig, Layer, Params, States
 
 Array = jax.Array
@@ -373,6 +374,22 @@ def _trajectory_program(cfg: EPConfig):
     return lambda params, x: trajectory(params, x, cfg)
 
 
+def residual(params: Params, x: ArrayLike, config: EPConfig) -> Array:
+    """[B] relative residual ||F(s) - s|| / ||F(s)|| of the free-phase state s that `predict`
+    reads out, F the free update map (how far the prediction is from a fixed point)."""
+    sol = free_phase(params, x, config)
+    free, _ = _maps(config.energy, config.update)
+    fs = free(sol.z, (params, jnp.asarray(x).astype(params[0].w.dtype)))
+    num = sum(jnp.sum(jnp.square(a - b).reshape(a.shape[0], -1), 1) for a, b in zip(fs, sol.z))
+    den = sum(jnp.sum(jnp.square(a).reshape(a.shape[0], -1), 1) for a in fs)
+    return jnp.sqrt(num) / (jnp.sqrt(den) + 1e-12)
+
+
+@functools.lru_cache(maxsize=64)
+def _residual_program(cfg: EPConfig):
+    return lambda params, x: residual(params, x, cfg)
+
+
 def classifier(
     params: Params,
     ep_config: EPConfig,
@@ -413,4 +430,58 @@ def classifier(
         trajectory_fn=jax.tree_util.Partial(_trajectory_program(cfg), params),
         prediction_depth=cfg.t1,
         gradient=path,
+        residual_fn=jax.tree_util.Partial(_residual_program(cfg), params),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _ep_fns(cfg: EPConfig):
+    step = energy.UPDATES[cfg.update]
+
+    def inject(params, x):  # EP's input enters the first layer's energy term directly
+        return x
+
+    def f(params, z, a):
+        return step(params, a, z, config=cfg.energy)
+
+    def readout(params, z):
+        return energy.readout(params, z, cfg.energy)
+
+    def trajectory(params, x):
+        sol = free_phase(params, x, cfg, record=cfg.t1, stop="never")
+        return jax.lax.stop_gradient(sol.trajectory.z)
+
+    def init(params, x):
+        return energy.zero_states(cfg.energy, x.shape[0], params[0].w.dtype)
+
+    return inject, f, readout, trajectory, init
+
+
+def ep_dynamics(params: Params, config: EPConfig, *, predict: Callable | None = None) -> Dynamics:
+    """The `Dynamics` of an EP-CNN's free phase: z_1..z_T (T = config.t1) of its update map.
+
+    The unrolled-intermediate attacks then apply one free-phase update to the detached state z_i
+    and K damped ones, with the input gradient through the update's dependence on x (no published
+    study attacked EP this way). `num_states` is T; pass `states=` to the grid to attack a subset.
+
+    Args:
+        params: EP `Params`.
+        config: `eqrobust.ep.EPConfig`.
+        predict: the real prediction (default: the t1-step free phase, `ep.classifier`'s logits).
+
+    Returns:
+        Dynamics with tol = config.free_tol (used only by the adjoint's Broyden).
+    """
+    inject, f, readout, trajectory, init = _ep_fns(config)
+    if predict is None:
+        predict = classifier(params, config).logits_fn
+    return Dynamics(
+        inject=jax.tree_util.Partial(inject, params),
+        f=jax.tree_util.Partial(f, params),
+        readout=jax.tree_util.Partial(readout, params),
+        trajectory=jax.tree_util.Partial(trajectory, params),
+        init=jax.tree_util.Partial(init, params),
+        predict=predict,
+        num_states=int(config.t1),
+        tol=float(config.free_tol or 1e-3),
     )

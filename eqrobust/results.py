@@ -27,6 +27,15 @@ HEALTH_CHECKS = {
 }
 
 
+def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95 % at z = 1.96) of a proportion observed on `n` examples."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @dataclasses.dataclass(frozen=True)
 class Accuracy:
     """Accuracy on `n` examples."""
@@ -68,6 +77,17 @@ class DeterminismProbe:
 
     max_logit_change: float
     prediction_change: float  # fraction of images whose prediction changed between calls
+    n: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualProbe:
+    """Relative residual ||f(z) - z|| / ||f(z)|| of the state an equilibrium model predicts from,
+    measured on clean images (the classifier's `residual_fn`)."""
+
+    mean: float
+    median: float
+    max: float
     n: int
 
 
@@ -216,6 +236,7 @@ class ModelResult:
     gallery: Gallery | None = None
     gradient_probe: GradientProbe | None = None
     determinism: DeterminismProbe | None = None
+    residual: ResidualProbe | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property

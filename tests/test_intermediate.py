@@ -13,7 +13,7 @@ from jax.tree_util import Partial
 from eqrobust import solvers
 from eqrobust.attacks import intermediate as inter
 from eqrobust.attacks import losses
-from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier
+from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier, deq_dynamics
 
 D, K = 6, 3  # state size and classes of the dense test model
 
@@ -333,7 +333,7 @@ def _tiny_deqnet():
 
 def test_deq_dynamics_integration():
     m = _tiny_deqnet()
-    dyn = inter.deq_dynamics(m)
+    dyn = deq_dynamics(m)
     assert dyn.num_states == 4 and not m.deterministic  # the model itself is untouched
     assert dyn.predict.func is deq_classifier(m).logits_fn.func  # the real prediction
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 12, 12, 1))
@@ -366,7 +366,7 @@ def test_ep_dynamics_known_answer(x64):
     params = jax.tree.map(lambda a: a.astype(jnp.float64), ep.init(jax.random.PRNGKey(0), cfg))
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 6, 6, 1)))
     y = jnp.array([0, 1, 2])
-    dyn = inter.ep_dynamics(params, cfg)
+    dyn = ep.ep_dynamics(params, cfg)
     zs = dyn.trajectory(x)
     readouts = jax.vmap(dyn.readout)(zs)
     np.testing.assert_allclose(readouts, ep.trajectory(params, x, cfg), atol=1e-12)

@@ -150,3 +150,84 @@ def test_honest_models_pass_every_check():
         assert all(c.passed for c in res.health), [c.message for c in res.health]
         head, rows = sections.summary_rows(StudyResults(models=(res,)))
         assert not rows[0][head.index("Mean robustness")].startswith("⚠")
+
+
+def test_robust_above_clean_is_flagged():
+    """(h): a robust accuracy significantly above the clean one (success judged on another
+    output than the prediction, as the DEQ papers' exact-trained 8/7 model) is flagged; the
+    honest result it was edited from is not."""
+    from eqrobust.evaluation.health import with_verdicts
+
+    w = _direction()
+    x, y = _data(w)
+    cfg = _config()
+    res = evaluation.evaluate_classifier(Classifier(_linear(w), "linear"), x, y, cfg)
+    assert not [c for c in res.health if c.id == "h"]
+    # Clean accuracy 0.5 (n=48); every attack at 0.4 except PGD-Linf.
+    res = dataclasses.replace(res, clean=dataclasses.replace(res.clean, accuracy=0.5))
+
+    def edited(acc):
+        attacks = {
+            k: dataclasses.replace(
+                v, accuracy=tuple(acc if k == "pgd_linf" else 0.4 for _ in v.values)
+            )
+            for k, v in res.attacks.items()
+        }
+        return with_verdicts(dataclasses.replace(res, attacks=attacks), cfg)
+
+    bad = edited(0.8)
+    flagged = [c for c in bad.health if c.id == "h" and not c.passed]
+    assert [c.attack for c in flagged] == ["pgd_linf"], [c.message for c in bad.health]
+    assert "h" in bad.cell_flags("pgd_linf", res.attacks["pgd_linf"].values[0])
+    # Within sampling noise of the clean accuracy (one example above): not flagged.
+    ok = edited(0.5 + 1.0 / 48)
+    assert not [c for c in ok.health if c.id == "h"]
+
+
+def test_unconverged_exact_deq_is_flagged_and_a_converged_one_is_not():
+    """(g) on real DEQs: an exact (implicit-gradient) DEQ stopped after 1 Broyden step predicts
+    from a state far from its fixed point and is flagged; a contractive one solved to convergence
+    passes; an EP classifier backpropagating through its own 8 unconverged steps passes too."""
+    from flax import nnx
+
+    from eqrobust.evaluation.context import gradient_info
+    from eqrobust.evaluation.health import check_residual
+    from eqrobust.evaluation.probes import residual_probe
+    from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier
+
+    def deq(max_iter, contractive):
+        m = DEQNet(
+            in_shape=(12, 12, 1),
+            num_classes=3,
+            channels=(4, 8),
+            expansion=2,
+            num_groups=2,
+            head_channels=(2, 4),
+            final_channels=8,
+            stem_strides=(2,),
+            solver=DEQSolver(f_max_iter=max_iter, f_tol=1e-6, ift=True),
+            rngs=nnx.Rngs(0),
+        )
+        for b in m.cell.blocks:
+            if contractive:  # injection-dominated (see test_deq)
+                b.gn2.scale[...] = b.gn2.scale[...] * 100.0
+            else:  # strongly expanding blocks: far from any fixed point after 1 step
+                b.gn1.scale[...] = b.gn1.scale[...] * 10.0
+        if contractive:
+            m.stem[1].scale[...] = m.stem[1].scale[...] * 100.0
+        m.eval()
+        return deq_classifier(m)
+
+    x = np.random.default_rng(0).uniform(size=(16, 12, 12, 1)).astype(np.float32)
+    verdicts = {}
+    for n in (1, 30):
+        clf = deq(n, contractive=n > 1)
+        r = residual_probe(clf.residual_fn, x)
+        verdicts[n] = (r.mean, check_residual(r, 0.75, gradient_info(clf)).passed)
+    assert verdicts[1][0] > 0.75 and not verdicts[1][1], verdicts
+    assert verdicts[30][0] < 1e-2 and verdicts[30][1], verdicts
+    params, cfg = _tiny_ep()
+    exact = ep.classifier(params, cfg)
+    xe = np.random.default_rng(1).uniform(size=(8, H, W, 1)).astype(np.float32)
+    r = residual_probe(exact.residual_fn, xe)
+    assert check_residual(r, 0.75, gradient_info(exact)).passed

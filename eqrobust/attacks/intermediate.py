@@ -17,47 +17,12 @@ from eqrobust import solvers
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import losses
 from eqrobust.attacks.pgd import random_start_pgd
+from eqrobust.classifier import Dynamics
 
 PyTree = Any
 Partial = jax.tree_util.Partial
 
-_FNS = ("inject", "f", "readout", "trajectory", "init", "predict")
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=list(_FNS),
-    meta_fields=["num_states", "tol"],
-)
-@dataclasses.dataclass(frozen=True)
-class Dynamics:
-    """An equilibrium model as the intermediate-state attacks see it (eval mode, pure functions).
-
-    Every function should be a `jax.tree_util.Partial` binding the model's arrays, so that the
-    compiled attack programs take them as arguments and are shared between models of one
-    architecture (plain callables work too; they are static).
-
-    Attributes:
-        inject: x [B, H, W, C] -> a (pytree, leaves [B, ...]): the input injection; the only path
-            from x to the dynamics.
-        f: (z, a) -> z: one cell step; z a pytree with leaves [B, ...], examples independent.
-        readout: z -> logits [B, K].
-        trajectory: x -> z_1..z_N (leaves [N, B, ...]): the recorded forward-solver iterates,
-            treated as constants (no gradient).
-        init: x -> z_0 (leaves [B, ...]), the solver's initial state (zeros for a DEQ).
-        predict: x -> logits [B, K], the model's real (defended) prediction, or None.
-        num_states: N, the number of recorded iterates.
-        tol: the forward solver's relative-residual stop (the adjoint's Broyden uses it).
-    """
-
-    inject: Callable[[jax.Array], PyTree]
-    f: Callable[[PyTree, PyTree], PyTree]
-    readout: Callable[[PyTree], jax.Array]
-    trajectory: Callable[[jax.Array], PyTree]
-    init: Callable[[jax.Array], PyTree]
-    predict: Callable[[jax.Array], jax.Array] | None
-    num_states: int
-    tol: float = 1e-3
+_FNS = ("inject", "f", "readout", "trajectory", "init", "predict")  # Dynamics fields
 
 
 def _canon(dyn: Dynamics) -> Dynamics:
@@ -141,119 +106,6 @@ def broyden_dynamics(
         predict=C.as_pytree_fn(predict),
         num_states=int(num_states),
         tol=float(tol),
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _deq_fns(graphdef: Any):
-    from flax import nnx
-
-    def inject(state, x):
-        return nnx.merge(graphdef, state).inject(x)
-
-    def f(state, z, a):
-        return nnx.merge(graphdef, state).cell(z, a, None)
-
-    def readout(state, z):
-        return nnx.merge(graphdef, state).readout(z)
-
-    def trajectory(state, x):
-        out = nnx.merge(graphdef, state).equilibrium(x, ift=False, record=True)
-        return lax.stop_gradient(out.trajectory.z)
-
-    def init(state, x):
-        m = nnx.merge(graphdef, state)
-        return m.zeros(x.shape[0], m.inject(x).dtype)
-
-    return inject, f, readout, trajectory, init
-
-
-def deq_dynamics(model: Any, *, ift: bool | None = None) -> Dynamics:
-    """The eval-mode (no dropout, BatchNorm running statistics) `Dynamics` of a `DEQNet`.
-
-    Args:
-        model: a `eqrobust.models.deq.DEQNet` (not modified).
-        ift: gradient mode of `predict` (the model's `deq_classifier(model, ift=ift)` logits).
-
-    Returns:
-        Dynamics with N = solver.f_max_iter, tol = solver.f_tol; `trajectory` is the model's
-        recorded Broyden iterates, `predict` its real logits (f(z*) and the damped unroll).
-    """
-    from flax import nnx
-
-    from eqrobust.models.deq import deq_classifier
-
-    graphdef, state = nnx.split(model)
-    m = nnx.merge(graphdef, state, copy=True)
-    m.eval()
-    graphdef, state = nnx.split(m)
-    inject, f, readout, trajectory, init = _deq_fns(graphdef)
-    return Dynamics(
-        inject=Partial(inject, state),
-        f=Partial(f, state),
-        readout=Partial(readout, state),
-        trajectory=Partial(trajectory, state),
-        init=Partial(init, state),
-        predict=deq_classifier(model, ift=ift).logits_fn,
-        num_states=int(model.solver.f_max_iter),
-        tol=float(model.solver.f_tol),
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _ep_fns(cfg: Any):
-    from eqrobust import energy, ep
-
-    step = energy.UPDATES[cfg.update]
-
-    def inject(params, x):  # EP's input enters the first layer's energy term directly
-        return x
-
-    def f(params, z, a):
-        return step(params, a, z, config=cfg.energy)
-
-    def readout(params, z):
-        return energy.readout(params, z, cfg.energy)
-
-    def trajectory(params, x):
-        sol = ep.free_phase(params, x, cfg, record=cfg.t1, stop="never")
-        return lax.stop_gradient(sol.trajectory.z)
-
-    def init(params, x):
-        return energy.zero_states(cfg.energy, x.shape[0], params[0].w.dtype)
-
-    return inject, f, readout, trajectory, init
-
-
-def ep_dynamics(params: Any, config: Any, *, predict: Callable | None = None) -> Dynamics:
-    """The `Dynamics` of an EP-CNN's free phase: z_1..z_T (T = config.t1) of its update map.
-
-    The unrolled-intermediate attacks then apply one free-phase update to the detached state z_i
-    and K damped ones, with the input gradient through the update's dependence on x (no published
-    study attacked EP this way). `num_states` is T; pass `states=` to the grid to attack a subset.
-
-    Args:
-        params: EP `Params`.
-        config: `eqrobust.ep.EPConfig`.
-        predict: the real prediction (default: the t1-step free phase, `ep.classifier`'s logits).
-
-    Returns:
-        Dynamics with tol = config.free_tol (used only by the adjoint's Broyden).
-    """
-    from eqrobust import ep
-
-    inject, f, readout, trajectory, init = _ep_fns(config)
-    if predict is None:
-        predict = ep.classifier(params, config).logits_fn
-    return Dynamics(
-        inject=Partial(inject, params),
-        f=Partial(f, params),
-        readout=Partial(readout, params),
-        trajectory=Partial(trajectory, params),
-        init=Partial(init, params),
-        predict=predict,
-        num_states=int(config.t1),
-        tol=float(config.free_tol or 1e-3),
     )
 
 

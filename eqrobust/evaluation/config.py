@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.health.gradient_min_correlation = 0.95
     c.health.gradient_max_relative_error = 0.1
     c.health.gradient_max_zero_fraction = 0.5
+    c.health.residual_images = 64  # (g): examples whose predicted-state residual is measured
+    c.health.max_residual = 0.75  # (g): mean relative residual of the predicted state
+    c.health.robust_above_clean_z = 3.0  # (h): Wilson bound (z) of robust accuracy above clean
     c.health.determinism_tolerance = 1e-5  # (f): largest logit change between repeated calls
 
     c.gallery = ml_collections.ConfigDict()

@@ -17,6 +17,8 @@ from eqrobust.results import (
     HealthCheck,
     MaskingComparison,
     ModelResult,
+    ResidualProbe,
+    wilson,
 )
 
 
@@ -163,8 +165,57 @@ def check_gradient_path(g: GradientInfo) -> HealthCheck:
     )
 
 
+def check_residual(r: ResidualProbe, max_residual: float, g: GradientInfo) -> HealthCheck:
+    """(g): the predicted state must be (near) a fixed point when the attack gradient assumes one
+    (implicit or phantom paths); far from it, the "equilibrium" model is an unrolled net those
+    gradients need not describe (the exact-trained DEQ with 8/7 solver iterations of the DEQ
+    papers). Backpropagation through the prediction's own steps needs no fixed point."""
+    assumes_fixed_point = g.mode.startswith(("implicit", "phantom"))
+    ok = r.mean <= max_residual or not assumes_fixed_point
+    return HealthCheck(
+        id="g",
+        attack="*",
+        value=None,
+        passed=bool(ok),
+        message=(
+            f"relative residual ||f(z)-z||/||f(z)|| of the predicted state on {r.n} clean images: "
+            f"mean {r.mean:.3g}, median {r.median:.3g}, max {r.max:.3g}"
+            + (
+                ""
+                if ok
+                else f" > {max_residual:g}: NOT an equilibrium, the {g.mode} gradient assumes one"
+            )
+        ),
+    )
+
+
+def check_robust_above_clean(model: ModelResult, z: float) -> list[HealthCheck]:
+    """(h): robust accuracy cannot exceed clean accuracy (an attack leaves correct examples
+    alone at worst); a number whose Wilson lower bound (z) lies above the clean accuracy means
+    success was judged on another output than the prediction, or the evaluation is broken."""
+    out = []
+    clean = model.clean.accuracy
+    for name, a in model.attacks.items():
+        for v, acc in zip(a.values, a.accuracy):
+            lo, _ = wilson(acc, a.n, z)
+            if lo > clean:
+                out.append(
+                    HealthCheck(
+                        id="h",
+                        attack=name,
+                        value=float(v),
+                        passed=False,
+                        message=(
+                            f"{_label(a, v)}: robust accuracy {acc:.3f} (n={a.n}) is above the "
+                            f"clean accuracy {clean:.3f}: success is not judged on the prediction"
+                        ),
+                    )
+                )
+    return out
+
+
 def health_checks(model: ModelResult, config: ml_collections.ConfigDict) -> list[HealthCheck]:
-    """Checks (a)-(d) for one model's results, with the thresholds of `config.health`."""
+    """Checks (a)-(h) for one model's results, with the thresholds of `config.health`."""
     h = config.health
     checks = [check_large(n, a, h.large_max_accuracy) for n, a in model.attacks.items()]
     checks = [c for c in checks if c is not None]
@@ -181,6 +232,11 @@ def health_checks(model: ModelResult, config: ml_collections.ConfigDict) -> list
     checks.append(check_gradient_path(model.gradient))
     if model.determinism is not None:
         checks.append(check_determinism(model.determinism, h.determinism_tolerance))
+    if model.residual is not None:
+        checks.append(
+            check_residual(model.residual, float(h.get("max_residual", 0.75)), model.gradient)
+        )
+    checks += check_robust_above_clean(model, float(h.get("robust_above_clean_z", 3.0)))
     return checks
 
 

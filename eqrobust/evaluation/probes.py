@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqrobust import ops
 from eqrobust.attacks import losses
-from eqrobust.results import DeterminismProbe, GradientProbe
+from eqrobust.results import DeterminismProbe, GradientProbe, ResidualProbe
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -114,3 +115,16 @@ def determinism_probe(logits_fn: LogitsFn, x: np.ndarray, *, calls: int = 3) -> 
     preds = np.stack([o.argmax(-1) for o in outs])  # [calls, N]
     flips = float(np.mean(np.any(preds != preds[0], axis=0)))
     return DeterminismProbe(max_logit_change=diff, prediction_change=flips, n=int(x.shape[0]))
+
+
+def residual_probe(
+    residual_fn: Callable[[Array], Array], x: np.ndarray, *, batch_size: int = 250
+) -> ResidualProbe:
+    """Relative residual of the predicted state on images x [N, H, W, C] (a fixed point that was
+    not reached means the "equilibrium" prediction is an arbitrary unrolled net: gradients of an
+    implicit or phantom path then need not match it)."""
+    fn = jax.jit(lambda xx: residual_fn(xx.astype(jnp.float32)))
+    r = np.asarray(ops.run_chunked(fn, np.asarray(x), batch_size=batch_size), np.float64)
+    return ResidualProbe(
+        mean=float(r.mean()), median=float(np.median(r)), max=float(r.max()), n=int(len(r))
+    )

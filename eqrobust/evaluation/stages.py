@@ -15,7 +15,7 @@ from eqrobust import corruptions as corruptions_lib
 from eqrobust import ops
 from eqrobust.attacks import _common, registry
 from eqrobust.evaluation.context import Context, gradient_info, predict
-from eqrobust.evaluation.probes import determinism_probe, gradient_probe
+from eqrobust.evaluation.probes import determinism_probe, gradient_probe, residual_probe
 from eqrobust.results import (
     Accuracy,
     AttackDepth,
@@ -103,7 +103,8 @@ def attacks(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def probes(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
-    """Checks (d) and (f)'s measurements on the first correctly classified examples."""
+    """Checks (d) and (f)'s measurements on the first correctly classified examples; (g)'s
+    residual of the predicted state on the first `health.residual_images` examples."""
     h = ctx.config.health
     idx = np.flatnonzero(ctx.clean_correct)[: int(h.gradient_images)]
     if len(idx) == 0:  # nothing classified correctly: probe the first examples anyway
@@ -122,7 +123,12 @@ def probes(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
         f"gradient probe: correlation {grad.correlation:.3f}, relative error "
         f"{grad.relative_error:.3f}, zero gradients {grad.zero_gradient_fraction:.0%}"
     )
-    return dict(gradient_probe=grad, determinism=determinism_probe(fn, x))
+    out = dict(gradient_probe=grad, determinism=determinism_probe(fn, x))
+    if ctx.classifier.residual_fn is not None:
+        res = residual_probe(ctx.classifier.residual_fn, ctx.x[: int(h.residual_images)])
+        ctx.log(f"relative residual of the predicted state: mean {res.mean:.3g} (n={res.n})")
+        out["residual"] = res
+    return out
 
 
 def masking(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:

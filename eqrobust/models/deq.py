@@ -14,7 +14,7 @@ from flax import nnx
 from jax import lax
 
 from eqrobust import ops, solvers
-from eqrobust.classifier import Classifier, GradientPath
+from eqrobust.classifier import Classifier, Dynamics, GradientPath
 from eqrobust.models.registry import register_model
 
 CONV_IMPLS = ("xla", "patches")
@@ -597,6 +597,8 @@ def _eval_apply(graphdef: nnx.GraphDef, ift: bool | None, what: str):
         m.eval()
         if what == "logits":
             return m.equilibrium(x, ift=ift).logits
+        if what == "residual":
+            return m.equilibrium(x, ift=ift, final_residual=True).final_residual
         return m.trajectory_logits(x, ift=ift)
 
     return apply
@@ -612,7 +614,8 @@ def deq_classifier(model: DEQNet, *, ift: bool | None = None, name: str = "DEQ")
         name: display name.
 
     Returns:
-        Classifier with logits_fn and trajectory_fn ([N, B, K]) as pytree Partials,
+        Classifier with logits_fn, trajectory_fn ([N, B, K]) and residual_fn ([B], relative
+        residual of the state read out) as pytree Partials,
         prediction_depth = f_max_iter and gradient = GradientPath("phantom", grad) or
         GradientPath("implicit").
     """
@@ -623,6 +626,57 @@ def deq_classifier(model: DEQNet, *, ift: bool | None = None, name: str = "DEQ")
         trajectory_fn=jax.tree_util.Partial(_eval_apply(graphdef, ift, "trajectory"), state),
         prediction_depth=model.solver.f_max_iter,
         gradient=model.solver.gradient_path(ift),
+        residual_fn=jax.tree_util.Partial(_eval_apply(graphdef, ift, "residual"), state),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _deq_fns(graphdef: Any):
+    def inject(state, x):
+        return nnx.merge(graphdef, state).inject(x)
+
+    def f(state, z, a):
+        return nnx.merge(graphdef, state).cell(z, a, None)
+
+    def readout(state, z):
+        return nnx.merge(graphdef, state).readout(z)
+
+    def trajectory(state, x):
+        out = nnx.merge(graphdef, state).equilibrium(x, ift=False, record=True)
+        return lax.stop_gradient(out.trajectory.z)
+
+    def init(state, x):
+        m = nnx.merge(graphdef, state)
+        return m.zeros(x.shape[0], m.inject(x).dtype)
+
+    return inject, f, readout, trajectory, init
+
+
+def deq_dynamics(model: DEQNet, *, ift: bool | None = None) -> Dynamics:
+    """The eval-mode (no dropout, BatchNorm running statistics) `Dynamics` of a `DEQNet`.
+
+    Args:
+        model: a DEQNet (not modified).
+        ift: gradient mode of `predict` (the model's `deq_classifier(model, ift=ift)` logits).
+
+    Returns:
+        Dynamics with N = solver.f_max_iter, tol = solver.f_tol; `trajectory` is the model's
+        recorded Broyden iterates, `predict` its real logits (f(z*) and the damped unroll).
+    """
+    graphdef, state = nnx.split(model)
+    m = nnx.merge(graphdef, state, copy=True)
+    m.eval()
+    graphdef, state = nnx.split(m)
+    inject, f, readout, trajectory, init = _deq_fns(graphdef)
+    return Dynamics(
+        inject=jax.tree_util.Partial(inject, state),
+        f=jax.tree_util.Partial(f, state),
+        readout=jax.tree_util.Partial(readout, state),
+        trajectory=jax.tree_util.Partial(trajectory, state),
+        init=jax.tree_util.Partial(init, state),
+        predict=deq_classifier(model, ift=ift).logits_fn,
+        num_states=int(model.solver.f_max_iter),
+        tol=float(model.solver.f_tol),
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from eqrobust.results import ModelResult
+from eqrobust.results import ModelResult, wilson  # noqa: F401  (wilson: re-exported)
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
@@ -28,15 +28,6 @@ def fmt(values: Sequence[float], digits: int = 3) -> str:
     if math.isnan(mean):
         return "–"
     return f"{mean:.{digits}f}" + ("" if half is None else f"±{half:.{digits}f}")
-
-
-def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion `accuracy` observed on `n` examples."""
-    if n <= 0:
-        return 0.0, 1.0
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def fmt_acc(values: Sequence[float], n: int) -> str:
