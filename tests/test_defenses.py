@@ -11,15 +11,15 @@ from eqrobust.attacks import _common as C
 from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier
 
 
-def _model(max_iter: int = 4, **kw) -> DEQNet:
+def _model(max_iter: int = 4, branches: int = 2, **kw) -> DEQNet:
     m = DEQNet(
         in_shape=(12, 12, 1),
         num_classes=3,
-        channels=(4, 8),
+        channels=(4, 8)[:branches],
         expansion=2,
         num_groups=2,
         dropout=0.0,
-        head_channels=(2, 4),
+        head_channels=(2, 4)[:branches],
         final_channels=8,
         stem_strides=(2,),
         solver=DEQSolver(f_max_iter=max_iter, f_tol=1e-3, **kw),
@@ -64,6 +64,10 @@ def test_entropy_reduction_lowers_prediction_entropy():
     assert float(jnp.max(jnp.abs(out.x_purified - x))) <= 0.1 + 1e-6
     assert float(jnp.min(out.x_purified)) >= 0.0 and float(jnp.max(out.x_purified)) <= 1.0
     np.testing.assert_array_equal(base.x_purified, x)
+    # examples are independent: the batched forward is the per-example (vmapped) one
+    one = _forward(m, cfg)
+    for i in (0, 5):
+        np.testing.assert_allclose(one(x[i : i + 1]).logits[0], out.logits[i], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("t_f", [1, 4])
@@ -156,7 +160,7 @@ def _centre_readout(m: DEQNet, logits: jax.Array) -> None:
 
 
 def test_adaptive_attack_is_at_least_as_strong_as_transfer():
-    m = _model(max_iter=3)
+    m = _model(max_iter=3, branches=1)  # one branch: a smaller program, faster compiles
     x = _x(8, seed=2)
     cfg = D.EntropyReduction(eps=0.05, alpha=0.01, t_f=1, r=3)
     defended = D.entropy_reduction(m, cfg)  # its params are traced: one compile for any values
