@@ -515,6 +515,43 @@ def _solve_nodiff(
     return flat.unflatten(w), steps, res, bad, traj, traj_res, state
 
 
+def iterate(
+    f: Callable,
+    z0: PyTree,
+    args: Any,
+    *,
+    method: str = "broyden",
+    max_steps: int,
+    tol: float,
+    memory: int | None = None,
+    init: SolverState | None = None,
+    record: int = 0,
+) -> tuple[PyTree, PyTree | None, SolverState]:
+    """Differentiable solver loop: backpropagation through every step (``F`` rematerialised),
+    continuing from ``init`` (a carried SolverState, e.g. a warm solve with a changed input)
+    whose gradient is kept, unlike ``solve`` which detaches its init state.
+
+    Returns (last iterate, recorded iterates [record, ...] or None, SolverState).
+    """
+    opts = {"remat": True} if memory is None else {"memory": memory, "remat": True}
+    z, _, _, _, traj, _, state = _solve_nodiff(
+        f,
+        z0,
+        args,
+        method=method,
+        max_steps=max_steps,
+        tol=tol,
+        damping=0.0,
+        record=record,
+        stop="converged",
+        lowest="last",
+        opts=opts,
+        unrolled=True,
+        init=init,
+    )
+    return z, traj, state
+
+
 def _check_init(init, w0, fw0, buffers, method) -> None:
     """Raise unless ``init`` (a SolverState or None) fits this solve's working state."""
     if init is None:

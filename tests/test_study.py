@@ -93,9 +93,12 @@ def test_smoke_study_end_to_end(tmp_path):
     for m in res.models:
         assert m.clean.n == 32 and m.num_test == 256
         assert set(m.attacks) >= {"pgd_l2", "pgd_linf", "square_linf"}
-        assert {c.id for c in m.health} == {"a", "b", "c", "d", "e", "f"}
+        # (g) exists where the model has a fixed-point residual (EP-CNN); (h) only on failure.
+        expected = {"a", "b", "c", "d", "e", "f"} | ({"g"} if m.residual is not None else set())
+        assert {c.id for c in m.health} == expected
         assert m.corruptions.severities == (1, 5)
         assert os.path.exists(os.path.join(workdir, m.gallery.file))
+    assert res.models[0].residual is not None and res.models[1].residual is None
     bp = res.models[1]
     assert bp.attacks["autoattack_linf"].n == 8 and bp.attacks["cw_l2"].n == 8
     assert bp.attacks["autoattack_linf"].reduced and not bp.attacks["pgd_l2"].reduced
@@ -166,9 +169,9 @@ def _same_numbers_as_before_the_refactor(js):
         assert [c["value"] for c in new["convergence_runs"]] == [
             c["value"] for c in ref["convergence_runs"]
         ]
-        # Schema 1's (d) was the metadata check, now (e); (d) and (f) are new measurements.
+        # Schema 1's (d) was the metadata check, now (e); (d), (f) and (g) are new measurements.
         old_ids = sorted("e" if c["id"] == "d" else c["id"] for c in ref["health"])
-        assert sorted(c["id"] for c in new["health"] if c["id"] not in "df") == old_ids
+        assert sorted(c["id"] for c in new["health"] if c["id"] not in "dfg") == old_ids
         if ref["ep"]:
             got, want = new["dynamics"]["trajectory"], ref["ep"]["free_phase"]
             assert got["steps"] == want["steps"]

@@ -176,23 +176,18 @@ def _continue(
     rec = steps if ctx.record else 0
     if ctx.mode in ("full", "bpda"):
         # solve() detaches init_state; the differentiable modes need the carried state's
-        # gradient, so they call the engine's loop directly (BPTT, F rematerialised).
-        out = solvers._solve_nodiff(
+        # gradient, so they use the differentiable loop (BPTT, F rematerialised).
+        _, traj, state = solvers.iterate(
             ctx.f,
             ctx.z0,
             ctx.args(xc),
-            method="broyden",
             max_steps=steps,
             tol=sp.f_tol,
-            damping=0.0,
-            record=rec,
-            stop="converged",
-            lowest="last",
-            opts={"memory": sp.f_max_iter, "remat": True},
-            unrolled=True,
+            memory=sp.f_max_iter,
             init=st,
+            record=rec,
         )
-        return out[-1], out[4]
+        return state, traj
     sol = solvers.solve(
         ctx.f,
         ctx.z0,
