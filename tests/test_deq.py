@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 
 from eqrobust import solvers
 from eqrobust.configs import deq as deq_configs
-from eqrobust.models.deq import DEQNet, DEQSolver, WNConv, deq_classifier
+from eqrobust.models.deq import DEQNet, DEQSolver, WNConv, deq_classifier, group_norm
 from eqrobust.train import get_trainer
 
 
@@ -253,3 +253,27 @@ def test_smoke_training_runs_and_resumes(tmp_path):
     val = [r for r in done.history if "val_clean_accuracy" in r]
     assert len(val) == 1 and "val_pgd_accuracy" in val[0] and val[0]["val_residual"] >= 0
     assert (tmp_path / "best.json").exists() and done.history[-1]["selected_step"] == 14
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 5, 4, 16), 8), ((2, 7, 7, 6), 3), ((2, 3, 3, 4), 1)])
+def test_group_norm_matches_pytorch_definition_in_float64(shape, groups):
+    """GroupNorm (reduction order rearranged for speed) against the textbook definition:
+    per example and group, (x - mean) / sqrt(biased var + eps) over (H, W, C/G), then affine."""
+    r = np.random.RandomState(0)
+    x = r.randn(*shape) * 3.0 + 2.0
+    scale, bias = r.randn(shape[-1]), r.randn(shape[-1])
+    b, h, w, c = shape
+    xg = x.reshape(b, h, w, groups, c // groups)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    var = xg.var(axis=(1, 2, 4), keepdims=True)
+    want = ((xg - mean) / np.sqrt(var + 1e-5)).reshape(shape) * scale + bias
+    with jax.enable_x64(True):
+        got = group_norm(jnp.asarray(x), groups, jnp.asarray(scale), jnp.asarray(bias))
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+        check_grads(
+            lambda a: group_norm(a, groups, jnp.asarray(scale), jnp.asarray(bias)),
+            (jnp.asarray(x),),
+            order=2,
+            modes=("rev",),
+        )

@@ -102,17 +102,26 @@ def group_norm(
     bias: jax.Array | None = None,
     eps: float = 1e-5,
 ) -> jax.Array:
-    """GroupNorm per example (PyTorch semantics); x: [B, H, W, C] with C divisible by groups."""
+    """GroupNorm per example (PyTorch semantics); x: [B, H, W, C] with C divisible by groups.
+
+    Statistics reduce the spatial axis first ([B, HW, C] -> [B, C], contiguous), then the
+    channels of a group: 3-4x faster on XLA:CPU than one reduction over (H, W, C/G) of a
+    5-d reshape (benchmarks/deq.py, BUILD_NOTES "DEQ models"); still two passes (centred
+    variance), not E[x^2] - E[x]^2.
+    """
     b, h, w, c = x.shape
-    xg = x.reshape(b, h, w, groups, c // groups)
-    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
-    y = ((xg - mean) * lax.rsqrt(var + eps)).reshape(b, h, w, c)
+    k = c // groups
+    xf = x.reshape(b, h * w, c)
+    mean = jnp.mean(xf, axis=1).reshape(b, groups, k).mean(-1)  # [B, G]
+    d = xf - jnp.repeat(mean, k, axis=1)[:, None, :]
+    var = jnp.mean(d * d, axis=1).reshape(b, groups, k).mean(-1)
+    a = jnp.repeat(lax.rsqrt(var + eps), k, axis=1)  # [B, C]
     if scale is not None:
-        y = y * scale
+        a = a * scale
+    y = d * a[:, None, :]
     if bias is not None:
         y = y + bias
-    return y
+    return y.reshape(b, h, w, c)
 
 
 class WNConv(nnx.Module):
