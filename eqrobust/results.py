@@ -117,6 +117,19 @@ class AttackResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class WorstCase:
+    """Per-example worst case over every attack of one norm at one eps ("ALL" of AutoAttack):
+    an example counts as robust only when it survived each attack; `n` is the smallest subset
+    of those attacks (subsets are nested prefixes, so all of them ran on these examples)."""
+
+    norm: str
+    value: float
+    accuracy: float
+    n: int
+    attacks: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class MaskingComparison:
     """Check (b)'s input: a white-box attack against Square on common examples."""
 
@@ -237,6 +250,7 @@ class ModelResult:
     gradient_probe: GradientProbe | None = None
     determinism: DeterminismProbe | None = None
     residual: ResidualProbe | None = None
+    worst_case: tuple[WorstCase, ...] = ()
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property

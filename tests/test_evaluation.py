@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqrobust import evaluation
+from eqrobust import evaluation, report
+from eqrobust.evaluation.stages import worst_cases
 from eqrobust.models import Classifier, GradientPath
-from eqrobust.results import Accuracy, GradientInfo
+from eqrobust.results import Accuracy, GradientInfo, StudyResults
 
 H = W = 8
 # L2 distances of the test points to the decision boundary; chosen away from every eps of the
@@ -88,6 +89,16 @@ def test_linear_model_analytic_accuracy_and_healthy():
     assert {c.id for c in res.health} == {"a", "b", "c", "d", "e", "f"}
     assert checks[("a", "pgd_l2", None)].message.startswith("PGD-L2 at eps=10")
     assert res.mean_robustness == pytest.approx(np.mean(want_l2 + want_linf + list(sq)))
+    # Worst case over attacks: PGD is optimal on a linear model, so per eps it is PGD's value.
+    wc = {(w.norm, w.value): w for w in res.worst_case}
+    assert sorted(wc) == sorted([("l2", e) for e in L2_EPS] + [("linf", e) for e in LINF_EPS])
+    for e, want in zip(LINF_EPS, want_linf):
+        assert wc[("linf", e)].attacks == ("pgd_linf", "square_linf")
+        assert wc[("linf", e)].accuracy == pytest.approx(want) and wc[("linf", e)].n == len(x)
+    for e, want in zip(L2_EPS, want_l2):
+        assert wc[("l2", e)].attacks == ("pgd_l2",) and wc[("l2", e)].accuracy == pytest.approx(
+            want
+        )
     g = res.gallery
     assert g.clean.shape == g.adversarial.shape == (2, H, W, 1)
     assert g.eps == 1.0 and len(g.labels) == 2
@@ -237,3 +248,36 @@ def test_convergence_check_compares_counts_not_floats():
     assert 0.51 - 0.50 > 0.01  # the float comparison this replaces failed here
     assert run(0.50, 0.51) and run(0.51, 0.50)
     assert not run(0.50, 0.52) and not run(0.52, 0.50)
+
+
+def test_worst_case_is_the_per_example_minimum_on_the_common_prefix():
+    t, f = True, False
+    correct = {
+        ("pgd_linf", 0.1): np.array([t, t, f, t, t, f]),
+        ("square_linf", 0.1): np.array([t, f, t, t]),  # a nested prefix of 4 examples
+        ("pgd_linf", 0.2): np.array([f, t, f, f, f, f]),
+        ("pgd_l2", 0.1): np.array([t, t]),
+        ("cw_l2", 0.1): np.array([f, f]),  # C&W's constant, not an eps: left out
+    }
+    norms = {"pgd_linf": "linf", "square_linf": "linf", "pgd_l2": "l2"}
+    got = {(w.norm, w.value): w for w in worst_cases(correct, norms)}
+    assert sorted(got) == [("l2", 0.1), ("linf", 0.1), ("linf", 0.2)]
+    w = got[("linf", 0.1)]
+    assert (w.n, w.accuracy, w.attacks) == (4, 0.5, ("pgd_linf", "square_linf"))  # [t, f, f, t]
+    assert (got[("linf", 0.2)].n, got[("linf", 0.2)].accuracy) == (6, 1 / 6)
+    assert got[("l2", 0.1)].attacks == ("pgd_l2",) and got[("l2", 0.1)].accuracy == 1.0
+
+
+def test_report_headline_is_the_worst_case(tmp_path):
+    w = _direction()
+    x, y, _ = _linear_data(w)
+    clf = Classifier(logits_fn=_linear_logits(w), name="linear")
+    res = evaluation.evaluate_classifier(clf, x, y, _config(("pgd_linf", "square_linf")))
+    results = StudyResults(models=(res,))
+    head, rows = report.summary_rows(results)
+    mean_wc = np.mean([v.accuracy for v in res.worst_case])
+    assert rows[0][head.index("**Worst case L∞** (mean)")] == f"{mean_wc:.3f}"
+    paths = report.write_report(results, str(tmp_path))
+    md = open(paths["report"]).read()
+    assert "## Worst case over attacks" in md and "pgd_linf, square_linf" in md
+    assert StudyResults.from_json(results.to_json()).models[0].worst_case == res.worst_case

@@ -28,6 +28,7 @@ from eqrobust.results import (
     Gallery,
     LargeRun,
     MaskingComparison,
+    WorstCase,
 )
 
 # stage(ctx, fields) -> new result fields; `fields` holds what earlier stages returned.
@@ -100,6 +101,46 @@ def attacks(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     for name in names:
         registry.get(name)  # unknown names fail before any attack runs
     return dict(attacks={name: _attack_one(ctx, i, name) for i, name in enumerate(names)})
+
+
+def worst_cases(
+    correct: dict[tuple[str, float], np.ndarray], norms: dict[str, str]
+) -> tuple[WorstCase, ...]:
+    """Pointwise minimum over attacks of one norm at one eps.
+
+    Args:
+      correct: robust-correct masks per (attack, eps), each [n_attack] over the first n_attack
+        examples of one fixed order (nested prefixes).
+      norms: attack name -> norm, for the eps-parameterised attacks to combine (others, e.g.
+        C&W's constant, are left out).
+
+    Returns:
+      One `WorstCase` per (norm, eps), sorted by norm and eps.
+    """
+    groups: dict[tuple[str, float], list[str]] = {}
+    for name, value in correct:
+        if name in norms:
+            key = next(
+                (k for k in groups if k[0] == norms[name] and math.isclose(k[1], value)),
+                (norms[name], value),
+            )
+            groups.setdefault(key, []).append(name)
+    out = []
+    for (norm, value), names in sorted(groups.items()):
+        masks = [correct[(a, v)] for a, v in correct if a in names and math.isclose(v, value)]
+        n = min(len(m) for m in masks)
+        robust = np.logical_and.reduce([np.asarray(m[:n], bool) for m in masks])
+        acc = float(robust.mean()) if n else 0.0
+        out.append(WorstCase(norm, float(value), acc, int(n), tuple(sorted(names))))
+    return tuple(out)
+
+
+def worst_case(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
+    """The headline robust accuracy: per norm and eps, an example is robust only if every
+    attack of the grid at that eps failed on it (run right after `attacks`)."""
+    norms = {a: r.norm for a, r in fields.get("attacks", {}).items() if r.param == "eps"}
+    grid = {k: v for k, v in ctx.correct.items() if k[0] in norms}
+    return dict(worst_case=worst_cases(grid, norms))
 
 
 def probes(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
@@ -327,6 +368,7 @@ STAGES: tuple[tuple[str, Stage], ...] = (
     ("clean", clean),
     ("probes", probes),
     ("attacks", attacks),
+    ("worst_case", worst_case),
     ("masking", masking),
     ("convergence", convergence),
     ("corruptions", corruptions),
