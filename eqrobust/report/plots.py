@@ -8,19 +8,31 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from eqrobust.report.text import mean_ci, value_label
+from eqrobust.report.text import mean_ci, value_label, wilson
 from eqrobust.results import ModelResult, StudyResults
 
 
-def _errorbar(ax: Any, x: Sequence[float], runs_values: list[list[float]], label: str, **kw):
+def _errorbar(
+    ax: Any,
+    x: Sequence[float],
+    runs_values: list[list[float]],
+    label: str,
+    n: Sequence[int] | None = None,
+    **kw,
+):
+    """Mean over seeds with Student-t error bars; one seed with its 95 % Wilson band when the
+    number of examples per point `n` is given."""
     arr = np.asarray(runs_values, dtype=np.float64)  # [seeds, points]
     stats_ = [mean_ci(arr[:, i]) for i in range(arr.shape[1])]
     mean = [s[0] for s in stats_]
     err = [s[1] or 0.0 for s in stats_]
     if arr.shape[0] > 1:
         ax.errorbar(x, mean, yerr=err, label=label, capsize=3, marker="o", ms=3, **kw)
-    else:
-        ax.plot(x, mean, label=label, marker="o", ms=3, **kw)
+        return
+    (line,) = ax.plot(x, mean, label=label, marker="o", ms=3, **kw)
+    if n is not None:
+        lo, hi = zip(*(wilson(a, k) for a, k in zip(mean, n, strict=True)), strict=True)
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
 
 
 def _accuracy_axis(ax: Any) -> None:
@@ -36,27 +48,67 @@ def _save(fig: Any, path: str) -> None:
     plt.close(fig)
 
 
+def _panels(k: int) -> tuple[Any, np.ndarray]:
+    cols = min(k, 3)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[k:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def _strength_axis(ax: Any, param: str, norm: str) -> bool:
+    """x label in the units people use; True when Linf radii are plotted in 1/255."""
+    linf = param == "eps" and norm == "linf"
+    if param == "c":
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("C&W initial constant c (not a budget)")
+    else:
+        ax.set_xlabel("ε (× 1/255)" if linf else "ε (L2)")
+    return linf
+
+
 def attacks(results: StudyResults, path: str) -> None:
-    """Accuracy vs attack strength, one panel per attack, every model a line."""
+    """Accuracy vs attack strength: one panel per attack, then the worst case over attacks per
+    norm; every model a line, one seed with its 95 % Wilson band, several with error bars."""
     groups = results.by_name()
     models = sorted(results.models, key=lambda m: -len(m.attacks))  # evaluation order
     names = list(dict.fromkeys(a for m in models for a in m.attacks))
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.6 * max(len(names), 1), 3.2))
-    axes = np.atleast_1d(axes)
+    norms = [n for n in ("linf", "l2") if any(w.norm == n for m in models for w in m.worst_case)]
+    fig, axes = _panels(max(len(names) + len(norms), 1))
     for ax, aname in zip(axes, names, strict=False):
         spec = next(m.attacks[aname] for m in results.models if aname in m.attacks)
-        linf = spec.param == "eps" and spec.norm == "linf"
+        linf = _strength_axis(ax, spec.param, spec.norm)
+        ns = set()
         for mname, runs in groups.items():
             runs = [m for m in runs if aname in m.attacks]
             if not runs:
                 continue
-            xs = [0.0, *runs[0].attacks[aname].values]
+            a = runs[0].attacks[aname]
+            ns.add(a.n)
+            xs = [0.0, *a.values]
             ys = [[m.clean.accuracy, *m.attacks[aname].accuracy] for m in runs]
-            _errorbar(ax, [v * 255 for v in xs] if linf else xs, ys, mname)
-        ax.set_title(spec.label)
-        ax.set_xlabel("ε × 255" if linf else spec.param)
-        if spec.param == "c":
-            ax.set_xscale("symlog", linthresh=1e-3)
+            nn = [runs[0].clean.n] + [a.n] * len(a.values)
+            _errorbar(ax, [v * 255 for v in xs] if linf else xs, ys, mname, nn)
+        ax.set_title(f"{spec.label} (n={'/'.join(str(k) for k in sorted(ns))})", fontsize=9)
+        _accuracy_axis(ax)
+    for ax, norm in zip(axes[len(names) :], norms, strict=False):
+        linf = _strength_axis(ax, "eps", norm)
+        for mname, runs in groups.items():
+            ws = [
+                sorted((w for w in m.worst_case if w.norm == norm), key=lambda w: w.value)
+                for m in runs
+            ]
+            if not ws or not ws[0]:
+                continue
+            xs = [0.0, *(w.value for w in ws[0])]
+            ys = [
+                [m.clean.accuracy, *(w.accuracy for w in wl)]
+                for m, wl in zip(runs, ws, strict=True)
+            ]
+            nn = [runs[0].clean.n] + [w.n for w in ws[0]]
+            _errorbar(ax, [v * 255 for v in xs] if linf else xs, ys, mname, nn)
+        ax.set_title(f"worst case over {'L∞' if norm == 'linf' else 'L2'} attacks", fontsize=9)
         _accuracy_axis(ax)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7)
@@ -72,7 +124,8 @@ def corruptions(results: StudyResults, path: str) -> None:
             continue
         xs = [0, *runs[0].corruptions.severities]
         ys = [[m.clean.accuracy, *m.corruptions.per_severity] for m in runs]
-        _errorbar(ax, xs, ys, mname)
+        nn = [runs[0].clean.n] + [runs[0].corruptions.n] * len(runs[0].corruptions.severities)
+        _errorbar(ax, xs, ys, mname, nn)
     ax.set_xlabel("corruption severity")
     ax.set_ylabel("accuracy (mean over corruptions)")
     _accuracy_axis(ax)
