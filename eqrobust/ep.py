@@ -217,6 +217,11 @@ def nudged_phase(
     Returns:
       The nudged states s^beta (not differentiable; EP never differentiates through phases).
     """
+    return _nudged(params, x, y, s_init, beta, config, steps).z
+
+
+def _nudged(params, x, y, s_init, beta, config, steps) -> solvers.Solution:
+    """The nudged phase's solution (states detached; `.residual` [B] says whether it settled)."""
     _, nudged = _maps(config.energy, config.update)
     dtype = params[0].w.dtype
     args = (params, jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(beta, dtype))
@@ -231,7 +236,7 @@ def nudged_phase(
         grad="none",
         stop="never",
     )
-    return jax.lax.stop_gradient(sol.z)
+    return sol._replace(z=jax.lax.stop_gradient(sol.z))
 
 
 class EPAux(NamedTuple):
@@ -241,6 +246,9 @@ class EPAux(NamedTuple):
     correct: Array  # [B] prediction correct at the free fixed point
     residual: Array  # [B] free-phase relative residual
     beta: Array  # scalar, the signed beta of the first nudged phase
+    # [B] relative residual at the end of the nudged phase(s) (the larger of the two for the
+    # symmetric estimator): EP's gradient formula assumes the nudged phases settled too.
+    nudged_residual: Array | None = None
 
 
 def ep_gradient(
@@ -284,9 +292,12 @@ def ep_gradient(
         if key is None:
             raise ValueError("ep_gradient: random_sign=True needs a PRNG key.")
         beta = jnp.where(jax.random.bernoulli(key), beta, -beta)
-    s_a = nudged_phase(params, x, y, s_star, beta, config)
+    sol_a = _nudged(params, x, y, s_star, beta, config, None)
+    s_a, nudged_res = sol_a.z, sol_a.residual
     if estimator == "symmetric":
-        s_b, beta_b, denom = nudged_phase(params, x, y, s_star, -beta, config), -beta, 2.0 * beta
+        sol_b = _nudged(params, x, y, s_star, -beta, config, None)
+        s_b, beta_b, denom = sol_b.z, -beta, 2.0 * beta
+        nudged_res = jnp.maximum(nudged_res, sol_b.residual)
     else:
         s_b, beta_b, denom = s_star, jnp.zeros_like(beta), beta
 
@@ -302,6 +313,7 @@ def ep_gradient(
         correct=jnp.argmax(logits, -1) == y,
         residual=sol.residual,
         beta=beta,
+        nudged_residual=nudged_res,
     )
     return grads, aux
 

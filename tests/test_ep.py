@@ -284,3 +284,23 @@ def test_config_validation():
     params = ep.init(jax.random.PRNGKey(0), cfg)
     with pytest.raises(ValueError, match="Expected images"):
         ep.predict(params, jnp.zeros((2, 5, 5, 1)), cfg)
+
+
+def test_ep_gradient_reports_whether_the_nudged_phases_settled():
+    """EPAux.nudged_residual: [B], the larger of the two nudged phases' residuals; tiny after
+    many nudged steps, clearly larger after one (the papers' short T2 leaves them unsettled)."""
+    e = EnergyConfig(in_shape=(6, 6, 1), num_classes=3, channels=(3, 4), paddings=(1, 1), fc=(5,))
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        params = _params(1, e)
+        x = jnp.asarray(rng.uniform(size=(4, 6, 6, 1)))
+        y = jnp.asarray(rng.integers(0, 3, 4))
+        res = {}
+        for t2 in (1, 80):
+            cfg = ep.EPConfig(energy=e, t1=80, t2=t2, beta=0.5, free_tol=1e-14)
+            _, aux = ep.ep_gradient(params, x, y, cfg)
+            assert aux.nudged_residual.shape == (4,)
+            res[t2] = np.asarray(aux.nudged_residual)
+            one = ep.ep_gradient(params, x, y, cfg, estimator="one_sided")[1].nudged_residual
+            assert np.all(np.asarray(one) <= res[t2] + 1e-15)  # the max over both phases
+        assert res[80].max() < 1e-10 and res[1].min() > 1e3 * res[80].max()

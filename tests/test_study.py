@@ -99,6 +99,10 @@ def test_smoke_study_end_to_end(tmp_path):
         assert m.corruptions.severities == (1, 5)
         assert os.path.exists(os.path.join(workdir, m.gallery.file))
     assert res.models[0].residual is not None and res.models[1].residual is None
+    # EP gradient diagnostics of the trained EP-CNN, in the report's notes.
+    (note,) = [n for n in res.meta["notes"] if "EP gradient vs the implicit gradient" in n]
+    cosine = float(note.split("cosine ")[1].split(",")[0])
+    assert -1.0 <= cosine <= 1.0 and "nudged phases" in note
     bp = res.models[1]
     assert bp.attacks["autoattack_linf"].n == 8 and bp.attacks["cw_l2"].n == 8
     assert bp.attacks["autoattack_linf"].reduced and not bp.attacks["pgd_l2"].reduced

@@ -124,6 +124,7 @@ def train(
             "loss": jnp.mean(aux.loss),
             "accuracy": jnp.mean(aux.correct),
             "free_residual": jnp.mean(aux.residual),
+            "nudged_residual": jnp.mean(aux.nudged_residual),
             "lr0": schedules[0](state["step"]),
         }
         return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
