@@ -99,6 +99,36 @@ def ep_gradient_check(trained: Trained, data: Any, name: str, n: int = 64) -> st
     )
 
 
+def describe_training(cfg: ml_collections.ConfigDict) -> str:
+    """One line on how a model of the study was trained, from its training config."""
+    m = cfg.model
+    arch = f"{m.name}" + (f" channels {tuple(m.channels)}" if "channels" in m else "")
+    n = cfg.get("num_train", None)
+    budget = (
+        f"{cfg.num_steps} steps" if cfg.get("num_steps", 0) else f"{cfg.get('num_epochs')} epochs"
+    )
+    o = cfg.optimizer
+    lr = o.get("lrs", None) or o.get("lr", None)
+    parts = [
+        f"{cfg.name}: trainer `{cfg.trainer}`, {arch}; {budget} on "
+        f"{'all' if n is None else n} {cfg.dataset} training images, batch {cfg.batch_size}, "
+        f"lr {lr}" + (f" ({o.schedule})" if "schedule" in o else "")
+    ]
+    if cfg.trainer == "ep":
+        parts.append(
+            f"EP: free phase T1={m.t1}, nudged T2={m.t2}, beta={m.beta} ({m.estimator}, "
+            f"random sign {m.random_sign})"
+        )
+    adv, objective = cfg.get("adv", None), cfg.get("objective", "adversarial")
+    if adv is not None and objective != "clean":  # the DEQ configs keep `adv` for every objective
+        norm = {"linf": "L∞", "l2": "L2"}[str(adv.get("norm", "linf"))]
+        parts.append(
+            f"{'adversarial training' if objective == 'adversarial' else objective}: PGD-{norm} "
+            f"at eps {adv.eps:g}, {adv.steps} steps"
+        )
+    return "; ".join(parts)
+
+
 def _merged(base: ml_collections.ConfigDict, over) -> ml_collections.ConfigDict:
     """A copy of `base` with the (nested) entries of `over` replacing its own."""
     out = ml_collections.ConfigDict(base.to_dict())
@@ -225,7 +255,9 @@ def run_study(
         dataset=dataset,
         scale=config.get("scale", "?"),
         num_test=len(data.x_test),
-        notes=[f"models (trainer): {trainers}"] + [r.note for r in runs if r.note],
+        notes=[f"models (trainer): {trainers}"],
+        training=[describe_training(config.models[k]) for k in keys]
+        + [r.note for r in runs if r.note],
         timing=timing,
         eval_config=config.eval.to_dict(),
         class_names=CLASS_NAMES.get(dataset),

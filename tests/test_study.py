@@ -100,7 +100,9 @@ def test_smoke_study_end_to_end(tmp_path):
         assert os.path.exists(os.path.join(workdir, m.gallery.file))
     assert res.models[0].residual is not None and res.models[1].residual is None
     # EP gradient diagnostics of the trained EP-CNN, in the report's notes.
-    (note,) = [n for n in res.meta["notes"] if "EP gradient vs the implicit gradient" in n]
+    (note,) = [n for n in res.meta["training"] if "EP gradient vs the implicit gradient" in n]
+    assert any(t.startswith("Adv-CNN(1.0): trainer `adversarial`") for t in res.meta["training"])
+    assert "## Models and training" in open(os.path.join(workdir, "report.md")).read()
     cosine = float(note.split("cosine ")[1].split(",")[0])
     assert -1.0 <= cosine <= 1.0 and "nudged phases" in note
     bp = res.models[1]

@@ -49,6 +49,14 @@ def header(results: StudyResults, files: Files) -> list[str]:
     return out + [""]
 
 
+def models(results: StudyResults, files: Files) -> list[str]:
+    """How each model was trained (the study's `meta["training"]` lines), when known."""
+    lines = results.meta.get("training", [])
+    if not lines:
+        return []
+    return ["## Models and training", "", *[f"- {line}" for line in lines], ""]
+
+
 def examples(results: StudyResults, files: Files) -> list[str]:
     """Which examples each evaluation ran on."""
     total = _total(results)
@@ -388,6 +396,7 @@ def timing(results: StudyResults, files: Files) -> list[str]:
 
 SECTIONS: tuple[Section, ...] = (
     header,
+    models,
     examples,
     summary,
     worst_case,
