@@ -281,3 +281,22 @@ def test_report_headline_is_the_worst_case(tmp_path):
     md = open(paths["report"]).read()
     assert "## Worst case over attacks" in md and "pgd_linf, square_linf" in md
     assert StudyResults.from_json(results.to_json()).models[0].worst_case == res.worst_case
+
+
+def test_l2_attacks_have_a_black_box_counterpart():
+    """Square-L2 is registered and check (b) compares PGD-L2 with it on the same examples; on a
+    linear model it cannot beat the optimal white-box attack."""
+    w = _direction()
+    x, y, d = _linear_data(w)
+    cfg = _config(("pgd_l2", "square_l2"))
+    cfg.square_l2.grid = L2_EPS
+    cfg.square_l2.settings.queries = 300
+    res = evaluation.evaluate_classifier(Classifier(_linear_logits(w), name="linear"), x, y, cfg)
+    want = np.asarray([float(np.mean(d > e)) for e in L2_EPS])
+    sq = np.asarray(res.attacks["square_l2"].accuracy)
+    assert res.attacks["square_l2"].box == "black" and np.all(sq >= want - 1e-9)
+    assert sq[-1] < 1.0  # it does find adversarial examples
+    cmp = {(c.attack, c.value) for c in res.masking_comparisons}
+    assert cmp == {("pgd_l2", e) for e in L2_EPS}
+    b = [c for c in res.health if c.id == "b"]
+    assert len(b) == len(L2_EPS) and all(c.passed for c in b)

@@ -59,6 +59,7 @@ ATTACKS: dict[str, AttackSpec] = {
         "AutoAttack-L2", "l2", "white", "eps", _eps_attack(autoattack, "l2"), is_reduced
     ),
     "square_linf": AttackSpec("Square-Linf", "linf", "black", "eps", _eps_attack(square, "linf")),
+    "square_l2": AttackSpec("Square-L2", "l2", "black", "eps", _eps_attack(square, "l2")),
     "cw_l2": AttackSpec("C&W-L2", "l2", "white", "c", _cw),
 }
 

@@ -37,6 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.autoattack_linf = _attack(linf, 0.5, version="standard")
     c.autoattack_l2 = _attack((0.5,), 10.0, version="standard")
     c.square_linf = _attack(linf, 0.5, queries=5000, p_init=0.8)
+    # The black-box counterpart of the L2 attacks (check (b) for PGD-L2 / AutoAttack-L2).
+    c.square_l2 = _attack((0.07, 0.31, 0.49, 1.0), 10.0, queries=5000, p_init=0.8)
     # C&W as run by the papers (ART defaults): `c` is the initial constant of a 10-step binary
     # search, 10 Adam iterations per search step.
     c.cw_l2 = _attack(

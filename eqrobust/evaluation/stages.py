@@ -173,13 +173,20 @@ def probes(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def masking(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
-    """Check (b)'s comparisons: white-box Linf attacks vs Square on their common examples."""
+    """Check (b)'s comparisons: white-box attacks vs Square of the same norm on their common
+    examples (PGD-Linf / AutoAttack-Linf vs Square-Linf; PGD-L2 / AutoAttack-L2 vs Square-L2)."""
     out = []
-    for white in ("pgd_linf", "autoattack_linf"):
+    pairs = (
+        ("pgd_linf", "square_linf"),
+        ("autoattack_linf", "square_linf"),
+        ("pgd_l2", "square_l2"),
+        ("autoattack_l2", "square_l2"),
+    )
+    for white, black in pairs:
         for (name, value), cw in ctx.correct.items():
-            if name != white or ("square_linf", value) not in ctx.correct:
+            if name != white or (black, value) not in ctx.correct:
                 continue
-            cb = ctx.correct[("square_linf", value)]
+            cb = ctx.correct[(black, value)]
             m = min(len(cw), len(cb))
             out.append(
                 MaskingComparison(
