@@ -18,6 +18,9 @@ class Trained(NamedTuple):
     state: Any
     history: list[dict]
     config: ml_collections.ConfigDict
+    # The Flax module with the selected weights in eval mode, for trainers that build one (DEQ:
+    # the defences and intermediate attacks need its cell, injection and readout).
+    module: Any = None
 
 
 # name -> "module:function"; imported lazily so that e.g. the BP-CNN path never imports EP code.

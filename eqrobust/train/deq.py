@@ -394,7 +394,7 @@ def train(
     history = history + [final]
     if wd is not None:
         (wd / "selected.json").write_text(json.dumps(final))
-    return Trained(clf, state, history, config)
+    return Trained(clf, state, history, config, module=model)
 
 
 @jax.jit
