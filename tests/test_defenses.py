@@ -39,12 +39,6 @@ def _forward(m, cfg, **kw):
     return lambda x: run(state, x)
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _to64(model):
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)

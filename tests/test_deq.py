@@ -40,12 +40,6 @@ def _x(b=2, seed=1, dtype=jnp.float64):
     return jax.random.uniform(jax.random.PRNGKey(seed), (b, 12, 12, 1), dtype)
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _to64(model):
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
