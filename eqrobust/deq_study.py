@@ -53,7 +53,6 @@ from eqrobust.train.supervised import load_data
 DEFENSES = ("final", "early", "ensemble", "entropy")
 # Attacks on the undefended DEQ whose x_adv are reused: transfer, per-state accuracies.
 FINAL_ATTACKS = ("pgd", "intermediate", "ensemble", "adjoint", "square")
-ER_ADAPTIVE = ("phantom", "full", "bpda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,17 +214,18 @@ def _attack_defense(
             robust[att] = r & _correct(predict, jnp.asarray(xa), s.y)
             grid = g if g is not None else grid
         elif att == "adaptive" and name == "entropy":
+            variants = tuple(s.a.er_adaptive)
             res = D.attack_defense(
                 predict,
-                D.entropy_reduction_surrogates(model, er_cfg, ER_ADAPTIVE),
+                D.entropy_reduction_surrogates(model, er_cfg, variants),
                 s.x,
                 s.y,
                 key=key,
                 **_pgd_kw(s.a),
             )
-            for v in ER_ADAPTIVE:
+            for v in variants:
                 robust[v] = res.robust[v]
-            robust["adaptive"] = np.logical_and.reduce([res.robust[v] for v in ER_ADAPTIVE])
+            robust["adaptive"] = np.logical_and.reduce([res.robust[v] for v in variants])
         elif att == "adaptive":  # the defence's own exact (BPTT) gradient
             r = pgd(clf.logits_fn, s.x, s.y, key=key, norm="linf", **_pgd_kw(s.a))
             robust["adaptive"] = _correct(predict, r.x_adv, s.y)

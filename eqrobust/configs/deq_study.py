@@ -52,11 +52,15 @@ def _attack(scale: str) -> ml_collections.ConfigDict:
     a.entropy_reduction = ml_collections.ConfigDict(
         dict(eps=8 / 255, alpha=2 / 255, t_f=2, r=10, patch=True)
     )
+    # Entropy reduction's adaptive attacks ("adaptive" is their per-example worst case): purified
+    # input as a constant with the phantom gradient (the papers' protocol), full BPTT, BPDA.
+    a.er_adaptive = ("phantom", "full", "bpda")
     # EP-CNN: the grid over these free-phase states (None: all T, costly for T ~ 60).
     a.ep_grid_states = ml_collections.config_dict.placeholder(tuple)
     if scale == "smoke":
         a.grid_unrolls = (2,)
         a.entropy_reduction.r = 2
+        a.er_adaptive = ("phantom", "full")
     return a
 
 
