@@ -30,7 +30,11 @@ Scales:
            ensemble-state defences get its x_adv through "transfer" and are attacked with the
            gradient ensemble, the adjoint, their own BPTT gradient and Square. Eps, steps and
            step sizes are not cut. The models are far from converged: the numbers show the
-           protocol, not the papers' models.
+           protocol, not the papers' models. Measured on the shared 2-core machine (load ~3):
+           1502 s with the clean DEQ loaded (33 s) instead of trained (~170 s), so ~28 minutes
+           from scratch: training ~2.5 + 3.8 min, evaluation 13.8 + 6.8 min, of which the
+           entropy-reduction attacks 5.4 + 2.7 min and the grid ~3 min per model. The ~10 minute
+           target is NOT met; the next cuts would be fewer test images or the grid's lam axis.
     paper  CIFAR-10 DEQ-Large(reg): clean, PGD-AT, TRADES, each +/- the random-intermediate loss,
            phantom and exact (12 models), 1000 test images (the DEQ papers' evaluation subsets),
            1000 validation images for the early-state choice, Square 5000 queries; the EP-CNN
