@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench bench-gpu data clean
+.PHONY: demo deq-demo test bench bench-gpu data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ data:
 
 demo: $(VENV)/.installed data
 	$(PY) -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
+
+# The DEQ robustness study at cpu scale (issue 12) -> runs/deq_demo/deq_report.md
+deq-demo: $(VENV)/.installed data
+	$(PY) -m experiments.deq_study --config=experiments/configs/deq_study.py:cpu --workdir=runs/deq_demo
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest -q

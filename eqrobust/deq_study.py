@@ -1,0 +1,424 @@
+"""The DEQ robustness study: intermediate/adjoint attacks, defences and their adaptive attacks.
+
+For every DEQ of the config: train or load it, then on one fixed subset of test images (the
+same examples for every model and attack) measure clean accuracy, PGD on the final state, the
+unrolled-intermediate grid, gradient-ensemble and simultaneous-adjoint PGD, the defences (early
+state, ensemble state, entropy reduction) under transfer, adaptive, BPDA and Square attacks with
+the per-example worst case, and residual / entropy / per-state accuracy along the dynamics.
+Success is always judged on the prediction the (defended) model actually makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax import lax
+from tqdm.auto import tqdm
+
+from eqrobust import data as data_lib
+from eqrobust import defenses as D
+from eqrobust.attacks import _common as C
+from eqrobust.attacks import intermediate as I
+from eqrobust.attacks import pgd, square
+from eqrobust.classifier import Dynamics
+from eqrobust.ep import ep_dynamics
+from eqrobust.models import build_model
+from eqrobust.models.deq import DEQNet, deq_dynamics
+from eqrobust.report import deq as deq_report
+from eqrobust.results_deq import (
+    COMPOSITE_ATTACKS,
+    Acc,
+    DefenseResult,
+    DeqModelResult,
+    DeqStudyResults,
+    DynamicsAnalysis,
+    EpResult,
+    GridSummary,
+)
+from eqrobust.train import Trained, get_trainer
+from eqrobust.train import ep as ep_train
+from eqrobust.train.deq import split_validation
+from eqrobust.train.supervised import load_data
+
+DEFENSES = ("final", "early", "ensemble", "entropy")
+# Attacks on the undefended DEQ whose x_adv are reused: transfer, per-state accuracies.
+FINAL_ATTACKS = ("pgd", "intermediate", "ensemble", "adjoint", "square")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """The fixed evaluation data and attack settings shared by every model."""
+
+    x: jax.Array  # [n, H, W, C] test subset
+    y: jax.Array  # [n]
+    x_val: jax.Array  # [n_val, H, W, C] validation subset (disjoint from the test split)
+    y_val: jax.Array
+    a: ml_collections.ConfigDict  # config.attack
+    key: jax.Array
+
+
+def fixed_subset(ds: data_lib.Dataset, n: int, seed: int) -> tuple[jax.Array, jax.Array]:
+    """The first n of a fixed permutation of the test split: x [n, H, W, C] in [0, 1], y [n]."""
+    if not 0 < n <= len(ds.x_test):
+        raise ValueError(f"num_test={n} must be in 1..{len(ds.x_test)} for {ds.name!r}")
+    idx = np.random.default_rng(seed).permutation(len(ds.x_test))[:n]
+    return data_lib.to_float(ds.x_test[idx]), jnp.asarray(ds.y_test[idx])
+
+
+def deq_model(trained: Trained, ds: data_lib.Dataset) -> DEQNet:
+    """The DEQNet of a DEQ `Trained` (the selected weights its classifier carries), eval mode."""
+    model = build_model(trained.config, ds)
+    if not isinstance(model, DEQNet):
+        raise ValueError(f"{trained.config.name}: the DEQ study needs config.model.name='deq'")
+    nnx.update(model, trained.classifier.logits_fn.args[0])
+    model.eval()
+    return model
+
+
+def _correct(logits_fn: Callable, x: jax.Array, y: jax.Array) -> np.ndarray:
+    return np.asarray(jnp.argmax(C.logits(logits_fn, x), -1) == y)
+
+
+def _pgd_kw(a: ml_collections.ConfigDict) -> dict:
+    return dict(eps=float(a.eps), steps=int(a.steps), step_size=float(a.step_size))
+
+
+def _grid_summary(g: I.GridResult, clean_ok: np.ndarray) -> GridSummary:
+    acc = np.asarray(g.accuracy)
+    return GridSummary(
+        accuracy=Acc.of(clean_ok & np.asarray(g.robust)),
+        strongest_state=int(g.strongest[0]),
+        strongest_unroll=int(g.strongest[1]),
+        strongest_lam=float(g.strongest[2]),
+        states=tuple(int(s) for s in g.states),
+        unrolls=tuple(int(k) for k in g.unrolls),
+        lams=tuple(float(v) for v in g.lams),
+        cell_accuracy=tuple(float(v) for v in acc.reshape(-1)),
+    )
+
+
+def _grid(dyn: Dynamics, predict: Callable, s: _Setup, key: jax.Array, states=None):
+    a = s.a
+    return I.unrolled_intermediate_grid(
+        dyn,
+        s.x,
+        s.y,
+        key=key,
+        states=states,
+        unrolls=tuple(a.grid_unrolls),
+        lams=tuple(a.grid_lams),
+        predict_fn=predict,
+        state_batch=a.get("state_batch", None),
+        **_pgd_kw(a),
+    )
+
+
+def _white_box(
+    name: str, dyn: Dynamics, predict: Callable, s: _Setup, key: jax.Array
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(robust [n] judged on predict, x_adv [n, ...], GridResult or None) of one attack."""
+    a, x, y = s.a, s.x, s.y
+    if name == "pgd":
+        r = pgd(predict, x, y, key=key, norm="linf", **_pgd_kw(a))
+        return ~np.asarray(r.success), np.asarray(r.x_adv), None
+    if name == "intermediate":
+        g = _grid(dyn, predict, s, key)
+        return np.asarray(g.robust), np.asarray(g.x_adv), g
+    if name == "ensemble":
+        r = I.gradient_ensemble_pgd(dyn, x, y, key=key, predict_fn=predict, **_pgd_kw(a))
+        return ~np.asarray(r.success), np.asarray(r.x_adv), None
+    if name == "adjoint":
+        r = I.adjoint_pgd(dyn, x, y, key=key, predict_fn=predict, **_pgd_kw(a))
+        return ~np.asarray(r.success), np.asarray(r.x_adv), None
+    if name == "square":
+        r = square(predict, x, y, key=key, eps=float(a.eps), norm="linf", queries=int(a.queries))
+        return ~np.asarray(r.success), np.asarray(r.x_adv), None
+    raise ValueError(f"unknown attack {name!r}; expected one of {FINAL_ATTACKS}")
+
+
+def _defense_result(
+    name: str, clean_ok: np.ndarray, robust: dict[str, np.ndarray], grid=None, note: str = ""
+) -> DefenseResult:
+    """Every attack ANDed with clean correctness, ALL the AND over attacks (x is in the ball)."""
+    robust = {k: clean_ok & v for k, v in robust.items()}
+    every = np.logical_and.reduce([clean_ok, *robust.values()])
+    accs = {k: Acc.of(v) for k, v in robust.items()}
+    single = {k: v for k, v in accs.items() if k not in COMPOSITE_ATTACKS} or accs
+    worst = min(single, key=lambda k: single[k].accuracy) if single else "none"
+    summary = None if grid is None else _grid_summary(grid, clean_ok)
+    return DefenseResult(name, Acc.of(clean_ok), accs, Acc.of(every), worst, summary, note)
+
+
+def _attack_final(
+    dyn: Dynamics, final: Callable, s: _Setup, attacks: tuple[str, ...], bar: tqdm
+) -> tuple[DefenseResult, dict[str, np.ndarray]]:
+    """The undefended DEQ under each attack; also returns the x_adv per attack."""
+    clean_ok = _correct(final, s.x, s.y)
+    robust, x_adv, grid = {}, {}, None
+    for i, name in enumerate(attacks):
+        bar.set_postfix_str(f"final: {name}")
+        r, xa, g = _white_box(name, dyn, final, s, jax.random.fold_in(s.key, i))
+        robust[name] = r & _correct(final, xa, s.y)
+        x_adv[name] = xa
+        grid = g if g is not None else grid
+    return _defense_result("final", clean_ok, robust, grid), x_adv
+
+
+def _transfer(predict: Callable, x_adv: dict[str, np.ndarray], s: _Setup) -> dict[str, np.ndarray]:
+    """Each undefended-DEQ x_adv fed to the defence: {attack: correct [n]}."""
+    return {k: _correct(predict, jnp.asarray(v), s.y) for k, v in x_adv.items()}
+
+
+def _attack_defense(
+    name: str,
+    model: DEQNet,
+    dyn: Dynamics,
+    x_adv_final: dict[str, np.ndarray],
+    s: _Setup,
+    attacks: tuple[str, ...],
+    bar: tqdm,
+    early_index: int,
+) -> DefenseResult:
+    """One defence: transfer of the final-DEQ attacks, attacks judged on it, adaptive, Square."""
+    er_cfg = D.EntropyReduction(**dict(s.a.entropy_reduction))
+    if name == "early":
+        clf = D.early_state(model, early_index)
+    elif name == "ensemble":
+        clf = D.ensemble_state(model)
+    elif name == "entropy":
+        clf = D.entropy_reduction(model, er_cfg, mode="phantom")
+    else:
+        raise ValueError(f"unknown defence {name!r}; expected one of {DEFENSES}")
+    predict = D.entropy_reduction_logits_fn(model, er_cfg) if name == "entropy" else clf.logits_fn
+    clean_ok = _correct(predict, s.x, s.y)
+    tr = _transfer(predict, x_adv_final, s)
+    robust: dict[str, np.ndarray] = {}
+    if "pgd" in tr:
+        robust["pgd"] = tr["pgd"]  # PGD on the final state, transferred (the papers' protocol)
+    grid = None
+    for i, att in enumerate(attacks):
+        bar.set_postfix_str(f"{name}: {att}")
+        key = jax.random.fold_in(s.key, 100 + i)
+        if att in ("intermediate", "ensemble", "adjoint", "square"):
+            r, xa, g = _white_box(att, dyn, predict, s, key)
+            robust[att] = r & _correct(predict, jnp.asarray(xa), s.y)
+            grid = g if g is not None else grid
+        elif att == "adaptive" and name == "entropy":
+            variants = tuple(s.a.er_adaptive)
+            res = D.attack_defense(
+                predict,
+                D.entropy_reduction_surrogates(model, er_cfg, variants),
+                s.x,
+                s.y,
+                key=key,
+                **_pgd_kw(s.a),
+            )
+            for v in variants:
+                robust[v] = res.robust[v]
+            robust["adaptive"] = np.logical_and.reduce([res.robust[v] for v in variants])
+        elif att == "adaptive":  # the defence's own exact (BPTT) gradient
+            r = pgd(clf.logits_fn, s.x, s.y, key=key, norm="linf", **_pgd_kw(s.a))
+            robust["adaptive"] = _correct(predict, r.x_adv, s.y)
+        elif att != "transfer":
+            raise ValueError(f"unknown defence attack {att!r}")
+    if tr:
+        robust["transfer"] = np.logical_and.reduce(list(tr.values()))
+    note = f"z_{early_index} (selected on validation)" if name == "early" else ""
+    if name == "entropy":
+        note = f"T_f={er_cfg.t_f}, R={er_cfg.r}, eps={er_cfg.eps:.4f}, alpha={er_cfg.alpha:.4f}"
+    return _defense_result(name, clean_ok, robust, grid, note)
+
+
+@jax.jit
+def _along(dyn: Dynamics, x: jax.Array, y: jax.Array) -> tuple[jax.Array, ...]:
+    """Per solver state: relative residual, prediction entropy, correctness; each [N, B]."""
+    zs = dyn.trajectory(x)
+    a = dyn.inject(x)
+
+    def per(z):
+        fz = dyn.f(z, a)
+        sq = lambda t: sum(jnp.sum(jnp.square(u).reshape(u.shape[0], -1), 1) for u in t)
+        diff = jax.tree.map(lambda p, q: p - q, fz, z)
+        res = jnp.sqrt(sq(jax.tree.leaves(diff))) / (jnp.sqrt(sq(jax.tree.leaves(fz))) + 1e-9)
+        logits = dyn.readout(z)
+        return res, D.prediction_entropy(logits), jnp.argmax(logits, -1) == y
+
+    return lax.map(per, zs)
+
+
+def _dynamics(
+    dyn: Dynamics, s: _Setup, x_adv: dict[str, np.ndarray], adv_key: str
+) -> DynamicsAnalysis:
+    """Residual / entropy along z_1..z_N (clean and x_adv[adv_key]); per-state accuracies."""
+    inputs = {"clean": s.x, **{k: jnp.asarray(v) for k, v in x_adv.items()}}
+    out = {k: [np.asarray(t) for t in _along(dyn, v, s.y)] for k, v in inputs.items()}
+    adv = out.get(adv_key, out["clean"])
+    tup = lambda a: tuple(float(v) for v in a.mean(axis=1))
+    return DynamicsAnalysis(
+        num_states=int(dyn.num_states),
+        residual_clean=tup(out["clean"][0]),
+        residual_adv=tup(adv[0]),
+        entropy_clean=tup(out["clean"][1]),
+        entropy_adv=tup(adv[1]),
+        state_attacks=tuple(out),
+        state_accuracy=tuple(tup(v[2]) for v in out.values()),
+    )
+
+
+def _evaluate_model(
+    key: str, trained: Trained, ds: data_lib.Dataset, s: _Setup, config: ml_collections.ConfigDict
+) -> DeqModelResult:
+    """All measurements of one trained DEQ."""
+    timing: dict[str, float] = {}
+    model = deq_model(trained, ds)
+    dyn = deq_dynamics(model)
+    final = trained.classifier.logits_fn
+    defenses = [d for d in config.defenses if d != "final"]
+    attacks = tuple(config.final_attacks)
+    bar = tqdm(total=2 + len(defenses), desc=f"DEQ study {trained.config.name}", leave=False)
+    t0 = time.perf_counter()
+    final_res, x_adv = _attack_final(dyn, final, s, attacks, bar)
+    timing["attacks on the final state"] = time.perf_counter() - t0
+    bar.update()
+    t0 = time.perf_counter()
+    bar.set_postfix_str("early-state selection")
+    sel = D.select_early_state(
+        model, s.x_val, s.y_val, key=jax.random.fold_in(s.key, 7), **_pgd_kw(s.a)
+    )
+    timing["early-state selection"] = time.perf_counter() - t0
+    results = [final_res]
+    for name in defenses:
+        t0 = time.perf_counter()
+        att = tuple(config.defense_attacks[name])
+        results.append(_attack_defense(name, model, dyn, x_adv, s, att, bar, sel.index))
+        timing[f"defence {name}"] = time.perf_counter() - t0
+        bar.update()
+    t0 = time.perf_counter()
+    dynamics = _dynamics(dyn, s, x_adv, "pgd")
+    timing["dynamics analyses"] = time.perf_counter() - t0
+    bar.update()
+    bar.close()
+    return DeqModelResult(
+        key=key,
+        name=str(trained.config.name),
+        num_states=int(dyn.num_states),
+        early_index=int(sel.index),
+        early_val_robust=tuple(float(v) for v in sel.robust_accuracy),
+        early_val_clean=tuple(float(v) for v in sel.clean_accuracy),
+        defenses=tuple(results),
+        dynamics=dynamics,
+        timing=timing,
+    )
+
+
+def _evaluate_ep(
+    cfg: ml_collections.ConfigDict, workdir: str, s: _Setup, seed: int
+) -> tuple[EpResult, float]:
+    """The EP-CNN's free phase under final-state PGD and the intermediate attacks."""
+    t0 = time.perf_counter()
+    trained = get_trainer(cfg.trainer)(cfg, workdir)
+    ds = load_data(trained.config)
+    x, y = fixed_subset(ds, int(len(s.x)), seed)
+    es = dataclasses.replace(s, x=x, y=y)
+    params = trained.state["params"]
+    dyn = ep_dynamics(params, ep_train.build_ep_config(trained.config, ds))
+    final = trained.classifier.logits_fn
+    clean_ok = _correct(final, x, y)
+    robust, grid = {}, None
+    for i, name in enumerate(("pgd", "intermediate", "ensemble")):
+        states = s.a.get("ep_grid_states", None)
+        if name == "intermediate" and states is not None:
+            g = _grid(dyn, final, es, jax.random.fold_in(s.key, 200 + i), tuple(states))
+            r, xa = np.asarray(g.robust), np.asarray(g.x_adv)
+        else:
+            r, xa, g = _white_box(name, dyn, final, es, jax.random.fold_in(s.key, 200 + i))
+        robust[name] = clean_ok & r & _correct(final, jnp.asarray(xa), y)
+        grid = g if g is not None else grid
+    res = EpResult(
+        name=str(cfg.get("name", "EP-CNN")),
+        num_states=int(dyn.num_states),
+        clean=Acc.of(clean_ok),
+        pgd=Acc.of(robust["pgd"]),
+        intermediate=Acc.of(robust["intermediate"]),
+        ensemble=Acc.of(robust["ensemble"]),
+        all=Acc.of(np.logical_and.reduce([clean_ok, *robust.values()])),
+        grid=_grid_summary(grid, clean_ok),
+    )
+    return res, time.perf_counter() - t0
+
+
+def _setup(config: ml_collections.ConfigDict, ds: data_lib.Dataset, val_cfg) -> _Setup:
+    x, y = fixed_subset(ds, int(config.num_test), int(config.subset_seed))
+    _, (xv, yv) = split_validation(ds, int(val_cfg.num_val))
+    nv = min(int(config.num_val), len(xv))
+    key = jax.random.PRNGKey(int(config.seed))
+    return _Setup(x, y, data_lib.to_float(xv[:nv]), jnp.asarray(yv[:nv]), config.attack, key)
+
+
+def run_deq_study(
+    config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None
+) -> DeqStudyResults:
+    """Trains (or loads) every DEQ of the study, attacks it and its defences, writes the report.
+
+    Args:
+        config: see eqrobust/configs/deq_study.py (models, model_order, num_test, num_val,
+            subset_seed, attack, defenses, final_attacks, defense_attacks, ep_model).
+        workdir: model runs go to workdir/<key>.
+        out_dir: deq_results.json, deq_report.md and the figures (default: workdir).
+
+    Returns:
+        DeqStudyResults (also written to <out>/deq_results.json).
+    """
+    t_start = time.perf_counter()
+    keys = list(config.model_order)
+    missing = [k for k in keys if k not in config.models]
+    if missing:
+        raise ValueError(f"model_order names {missing} not in config.models {list(config.models)}")
+    ds = load_data(config.models[keys[0]])
+    s = _setup(config, ds, config.models[keys[0]])
+    timing: dict[str, float] = {}
+    models = []
+    for key in tqdm(keys, desc="DEQ study models"):
+        cfg = config.models[key]
+        if load_data(cfg).x_test.shape != ds.x_test.shape:
+            raise ValueError(f"model {key!r} uses a different test split than {keys[0]!r}")
+        t0 = time.perf_counter()
+        trained = get_trainer(cfg.trainer)(cfg, os.path.join(workdir, key))
+        timing[f"train-or-load {cfg.name}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        models.append(_evaluate_model(key, trained, ds, s, config))
+        timing[f"evaluate {cfg.name}"] = time.perf_counter() - t0
+    ep_res = None
+    if config.get("ep_model", None) is not None:
+        ep_res, timing["EP-CNN train-or-load + attacks"] = _evaluate_ep(
+            config.ep_model, os.path.join(workdir, "ep_cnn"), s, int(config.subset_seed)
+        )
+    timing["total before report"] = time.perf_counter() - t_start
+    meta = dict(
+        title=config.get("title", "DEQ robustness study"),
+        scale=config.get("scale", "?"),
+        dataset=str(config.models[keys[0]].dataset),
+        num_test=int(len(s.x)),
+        num_val=int(len(s.x_val)),
+        attack=config.attack.to_dict(),
+        timing=timing,
+    )
+    results = DeqStudyResults(models=tuple(models), ep=ep_res, meta=meta)
+    out = workdir if out_dir is None else out_dir
+    os.makedirs(out, exist_ok=True)
+    js = results.to_json()
+    DeqStudyResults.from_json(js)  # what we write must read back
+    with open(os.path.join(out, "deq_results.json"), "w") as f:
+        json.dump(js, f, indent=1)
+    deq_report.write_deq_report(results, out)
+    return results

@@ -1,0 +1,230 @@
+"""The DEQ study's report: Table-1-style summary, grid settings, figures along the dynamics."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from eqrobust.report.text import md_table
+
+if TYPE_CHECKING:  # the report reads the results duck-typed; no runtime dependency
+    from eqrobust.results_deq import DeqModelResult, DeqStudyResults
+
+COLUMNS = (
+    ("clean", "Clean"),
+    ("pgd", "PGD (final)"),
+    ("intermediate", "intermediate"),
+    ("ensemble", "ensemble"),
+    ("adjoint", "adjoint"),
+    ("adaptive", "adaptive"),
+    ("transfer", "transfer"),
+    ("square", "Square"),
+    ("all", "ALL"),
+)
+DEFENSE_NAMES = {
+    "final": "none (final state)",
+    "early": "early state",
+    "ensemble": "ensemble state",
+    "entropy": "entropy reduction",
+}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+
+
+def _cell(d: Any, col: str) -> str:
+    if col == "clean":
+        return str(d.clean)
+    if col == "all":
+        return f"**{d.all}**"
+    a = d.attacks.get(col)
+    return "—" if a is None else str(a)
+
+
+def summary_table(results: DeqStudyResults) -> str:
+    """Rows model x defence; columns Clean / attacks / ALL, each "acc [lo, hi]" (95 % Wilson)."""
+    header = ["Model", "Defence"] + [c[1] for c in COLUMNS]
+    rows = []
+    for m in results.models:
+        for d in m.defenses:
+            rows.append(
+                [m.name, DEFENSE_NAMES.get(d.name, d.name)] + [_cell(d, c) for c, _ in COLUMNS]
+            )
+    return md_table(header, rows)
+
+
+def _save(fig: Any, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pyplot() -> Any:
+    """pyplot on the Agg backend (files only), chosen when a figure is drawn, not on import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_along(results: DeqStudyResults, what: str, path: str) -> None:
+    """Mean relative residual or entropy per solver state, clean vs PGD-adversarial, per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, m in enumerate(results.models):
+        dyn = m.dynamics
+        n = np.arange(1, dyn.num_states + 1)
+        clean, adv = getattr(dyn, f"{what}_clean"), getattr(dyn, f"{what}_adv")
+        ax.plot(n, clean, marker="o", ms=3, color=f"C{i}", label=f"{m.name} clean")
+        ax.plot(n, adv, marker="x", ms=4, ls="--", color=f"C{i}", label=f"{m.name} PGD")
+    ax.set_xlabel("solver state n")
+    label = "||f(z_n) - z_n|| / ||f(z_n)||" if what == "residual" else "prediction entropy"
+    ax.set_ylabel(label)
+    if what == "residual":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_state_accuracy(m: DeqModelResult, path: str) -> None:
+    """Heat map: accuracy of readout(z_n) (columns) at each attack's x_adv (rows)."""
+    plt = _pyplot()
+    dyn = m.dynamics
+    acc = np.asarray(dyn.state_accuracy, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * dyn.num_states, 0.8 + 0.45 * len(acc)))
+    im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for (r, c), v in np.ndenumerate(acc):
+        ax.text(
+            c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k"
+        )
+    ax.set_xticks(range(dyn.num_states), [str(i + 1) for i in range(dyn.num_states)])
+    ax.set_yticks(range(len(acc)), list(dyn.state_attacks))
+    ax.set_xlabel("state z_n")
+    ax.set_title(f"{m.name}: accuracy of each state", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    _save(fig, path)
+
+
+def _grid_lines(results: DeqStudyResults) -> list[str]:
+    lines = ["## Strongest intermediate-grid setting", ""]
+    rows = []
+    for m in results.models:
+        for d in m.defenses:
+            g = d.grid
+            if g is None:
+                continue
+            best = min(g.cell_accuracy)
+            rows.append(
+                [
+                    m.name,
+                    DEFENSE_NAMES.get(d.name, d.name),
+                    f"i={g.strongest_state}, K={g.strongest_unroll}, lam={g.strongest_lam:g}",
+                    f"{best:.3f}",
+                    str(g.accuracy),
+                    f"{len(g.states)} x {len(g.unrolls)} x {len(g.lams)}",
+                ]
+            )
+    header = ["Model", "Defence", "strongest (i, K, lam)", "its acc", "min over grid", "grid"]
+    return lines + ([md_table(header, rows)] if rows else ["(no grid run)"]) + [""]
+
+
+def _detail_lines(results: DeqStudyResults) -> list[str]:
+    lines = ["## Every attack per defence", ""]
+    for m in results.models:
+        rows = []
+        for d in m.defenses:
+            for k, a in d.attacks.items():
+                rows.append([DEFENSE_NAMES.get(d.name, d.name), k, str(a)])
+            rows.append(
+                [DEFENSE_NAMES.get(d.name, d.name), f"ALL (worst: {d.worst_attack})", str(d.all)]
+            )
+        notes = "; ".join(f"{d.name}: {d.note}" for d in m.defenses if d.note)
+        lines += [f"### {m.name}", "", f"Early state z_{m.early_index}; {notes}", ""]
+        lines += [md_table(["Defence", "attack", "accuracy [95 % CI]"], rows), ""]
+    return lines
+
+
+def _ep_lines(results: DeqStudyResults) -> list[str]:
+    e = results.ep
+    if e is None:
+        return []
+    g = e.grid
+    header = ["Model", "Clean", "PGD (final)", "intermediate", "ensemble", "ALL"]
+    row = [e.name, str(e.clean), str(e.pgd), str(e.intermediate), str(e.ensemble), f"**{e.all}**"]
+    return [
+        "## EP-CNN under the intermediate attacks (free-phase trajectory)",
+        "",
+        md_table(header, [row]),
+        "",
+        f"Strongest grid cell: i={g.strongest_state}, K={g.strongest_unroll}, "
+        f"lam={g.strongest_lam:g} ({len(g.states)} states of {e.num_states}).",
+        "",
+    ]
+
+
+def write_deq_report(results: DeqStudyResults, out_dir: str) -> dict[str, str]:
+    """Writes deq_report.md and its PNG figures into out_dir.
+
+    Returns:
+        {artefact key: path}.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    files = {"residual": "deq_residual.png", "entropy": "deq_entropy.png"}
+    plot_along(results, "residual", os.path.join(out_dir, files["residual"]))
+    plot_along(results, "entropy", os.path.join(out_dir, files["entropy"]))
+    for m in results.models:
+        files[f"states_{m.key}"] = f"deq_states_{_slug(m.key)}.png"
+        plot_state_accuracy(m, os.path.join(out_dir, files[f"states_{m.key}"]))
+    meta = results.meta
+    a = meta.get("attack", {})
+    lines = [
+        f"# {meta.get('title', 'DEQ robustness study')}",
+        "",
+        f"Dataset {meta.get('dataset')} ({meta.get('scale')} scale): the same "
+        f"{meta.get('num_test')} test images for every model, defence and attack; early state "
+        f"selected on {meta.get('num_val')} validation images. Linf eps = "
+        f"{a.get('eps', float('nan')):.4f}, PGD-{a.get('steps')} with step "
+        f"{a.get('step_size', float('nan')):.4f}; Square {a.get('queries')} queries. Success is "
+        "judged on the prediction the defended model makes; an example counts as robust only when "
+        "it is right on x and on the attack's x_adv. Every cell: accuracy [95 % Wilson interval]. "
+        "ALL: robust under every attack (per example).",
+        "",
+        "## Summary (model x defence)",
+        "",
+        summary_table(results),
+        "",
+        "PGD (final): PGD on the undefended DEQ's final state with its own gradient path (for a "
+        "defence: transferred). intermediate: minimum over the unrolled-intermediate grid; "
+        "ensemble: gradient-ensemble PGD; adjoint: simultaneous-adjoint PGD (sum over n); "
+        "adaptive: PGD through the defence's own forward (entropy reduction: worst of "
+        "phantom / full / BPDA); transfer: worst over the undefended DEQ's x_adv.",
+        "",
+    ]
+    lines += _grid_lines(results) + _detail_lines(results) + _ep_lines(results)
+    lines += [
+        "## Along the dynamics",
+        "",
+        f"![residual]({files['residual']})",
+        "",
+        f"![entropy]({files['entropy']})",
+        "",
+    ]
+    lines += [f"![{m.name}]({files[f'states_{m.key}']})" for m in results.models] + [""]
+    lines += ["## Timing (s)", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in meta.get("timing", {}).items()]
+    for m in results.models:
+        lines += [f"- {m.name} / {k}: {v:.1f}" for k, v in m.timing.items()]
+    with open(os.path.join(out_dir, "deq_report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    paths = {k: os.path.join(out_dir, v) for k, v in files.items()}
+    paths["report"] = os.path.join(out_dir, "deq_report.md")
+    return paths

@@ -1,0 +1,106 @@
+"""The DEQ study: the smoke run end to end (binary, JSON, report) and the results' invariants."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eqrobust.configs import deq_study as deq_study_config
+from eqrobust.results import wilson
+from eqrobust.results_deq import Acc, DefenseResult, DeqStudyResults, validate_deq
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_acc_carries_n_and_wilson_interval():
+    a = Acc.of(np.array([True, False, True, True]))
+    assert a.n == 4 and a.accuracy == 0.75
+    assert (a.lo, a.hi) == pytest.approx(wilson(0.75, 4))
+    assert a.lo < a.accuracy < a.hi
+
+
+def _defense(clean: float, attack: float, all_: float) -> DefenseResult:
+    n = 10
+    acc = lambda v: Acc(v, n, *wilson(v, n))
+    return DefenseResult("final", acc(clean), {"pgd": acc(attack)}, acc(all_), "pgd")
+
+
+@pytest.mark.parametrize("clean,attack,all_", [(0.5, 0.6, 0.4), (0.5, 0.3, 0.4)])
+def test_validation_rejects_attack_above_clean_or_all_above_attack(clean, attack, all_):
+    d = _defense(clean, attack, all_)
+    model = type("M", (), {"name": "m", "defenses": (d,)})()
+    with pytest.raises(ValueError, match="not in \\[ALL, clean\\]"):
+        validate_deq(type("R", (), {"models": (model,)})())
+
+
+@pytest.mark.slow  # ~4 min on the loaded 2-core machine (compilations dominate)
+def test_smoke_deq_study_end_to_end(tmp_path):
+    """The DEQ study binary at smoke scale: two DEQs, all defences and attacks, JSON and report."""
+    config = deq_study_config.get_config("smoke")
+    workdir = str(tmp_path / "deq")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.deq_study",
+            "--config=experiments/configs/deq_study.py:smoke",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [config.models[k].name for k in config.model_order]
+    for name in names:
+        assert f"| {name} |" in proc.stdout
+
+    js = json.load(open(os.path.join(workdir, "deq_results.json")))
+    res = DeqStudyResults.from_json(js)  # types and invariants
+    assert res.to_json() == js  # round trip
+    assert [m.name for m in res.models] == names and res.ep is None
+    report = open(os.path.join(workdir, "deq_report.md")).read()
+    assert "| Model | Defence | Clean | PGD (final) |" in report
+    for m in res.models:
+        n_states = config.models[m.key].model.f_max_iter
+        assert m.num_states == n_states and 1 <= m.early_index <= n_states
+        assert [d.name for d in m.defenses] == list(config.defenses)
+        for d in m.defenses:
+            # the same examples everywhere: every n is num_test
+            assert {a.n for a in (d.clean, d.all, *d.attacks.values())} == {config.num_test}
+            for k, a in d.attacks.items():
+                assert a.accuracy <= d.clean.accuracy, (m.name, d.name, k)
+                assert d.all.accuracy <= a.accuracy, (m.name, d.name, k)
+                assert a.lo <= a.accuracy <= a.hi
+            expected = set(config.final_attacks if d.name == "final" else ())
+            expected |= set(config.defense_attacks.get(d.name, ()))
+            assert expected <= set(d.attacks), (d.name, sorted(d.attacks))
+            assert f"| {m.name} | " in report
+        g = m.defenses[0].grid
+        assert g is not None and g.strongest_state in g.states
+        assert len(g.cell_accuracy) == len(g.states) * len(g.unrolls) * len(g.lams)
+        assert min(g.cell_accuracy) >= g.accuracy.accuracy  # the per-example min is below
+        dyn = m.dynamics
+        for arr in (dyn.residual_clean, dyn.residual_adv, dyn.entropy_clean, dyn.entropy_adv):
+            assert len(arr) == n_states and all(np.isfinite(arr))
+        assert dyn.state_attacks[0] == "clean"
+        assert len(dyn.state_accuracy) == len(dyn.state_attacks)
+        assert all(len(row) == n_states for row in dyn.state_accuracy)
+    for fname in ["deq_residual.png", "deq_entropy.png"] + [
+        f"deq_states_{m.key}.png" for m in res.models
+    ]:
+        path = os.path.join(workdir, fname)
+        assert os.path.getsize(path) > 1000 and f"({fname})" in report
+    # a result that breaks an invariant does not read back
+    bad = dataclasses.replace(res.models[0].defenses[0], all=res.models[0].defenses[0].clean)
+    if any(a.accuracy < bad.clean.accuracy for a in bad.attacks.values()):
+        broken = dataclasses.replace(res.models[0], defenses=(bad,))
+        with pytest.raises(ValueError):
+            DeqStudyResults.from_json(dataclasses.replace(res, models=(broken,)).to_json())
