@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax import lax
 from tqdm.auto import tqdm
 
@@ -32,7 +31,6 @@ from eqrobust.attacks import intermediate as I
 from eqrobust.attacks import pgd, square
 from eqrobust.classifier import Dynamics
 from eqrobust.ep import ep_dynamics
-from eqrobust.models import build_model
 from eqrobust.models.deq import DEQNet, deq_dynamics
 from eqrobust.report import deq as deq_report
 from eqrobust.results_deq import (
@@ -75,12 +73,11 @@ def fixed_subset(ds: data_lib.Dataset, n: int, seed: int) -> tuple[jax.Array, ja
     return data_lib.to_float(ds.x_test[idx]), jnp.asarray(ds.y_test[idx])
 
 
-def deq_model(trained: Trained, ds: data_lib.Dataset) -> DEQNet:
-    """The DEQNet of a DEQ `Trained` (the selected weights its classifier carries), eval mode."""
-    model = build_model(trained.config, ds)
+def deq_model(trained: Trained) -> DEQNet:
+    """The DEQNet of a DEQ `Trained` (its selected weights), eval mode."""
+    model = trained.module
     if not isinstance(model, DEQNet):
         raise ValueError(f"{trained.config.name}: the DEQ study needs config.model.name='deq'")
-    nnx.update(model, trained.classifier.logits_fn.args[0])
     model.eval()
     return model
 
@@ -280,7 +277,7 @@ def _evaluate_model(
 ) -> DeqModelResult:
     """All measurements of one trained DEQ."""
     timing: dict[str, float] = {}
-    model = deq_model(trained, ds)
+    model = deq_model(trained)
     dyn = deq_dynamics(model)
     final = trained.classifier.logits_fn
     defenses = [d for d in config.defenses if d != "final"]

@@ -130,7 +130,9 @@ def _grid_lines(results: DeqStudyResults) -> list[str]:
                     f"i={g.strongest_state}, K={g.strongest_unroll}, lam={g.strongest_lam:g}",
                     f"{best:.3f}",
                     str(g.accuracy),
-                    f"{len(g.states)} x {len(g.unrolls)} x {len(g.lams)}",
+                    f"i {min(g.states)}..{max(g.states)} x K {set(g.unrolls)} x lam "
+                    f"{set(g.lams)}"
+                    + (" (**reduced**: the papers' K is 1..9)" if len(g.unrolls) < 9 else ""),
                 ]
             )
     header = ["Model", "Defence", "strongest (i, K, lam)", "its acc", "min over grid", "grid"]
