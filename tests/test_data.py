@@ -3,6 +3,7 @@
 import gzip
 import importlib.util
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -203,3 +204,42 @@ def test_tfds_prepares_with_tensorflow_and_shows_its_error(monkeypatch, tmp_path
     with pytest.raises(FileNotFoundError, match="preparing TFDS 'cifar10' failed: ConnectionError"):
         data.load("cifar10", data_dir=tmp_path)
     assert calls == [{"file_format": "array_record"}]
+
+
+def test_tfds_array_record_dataset_written_locally_is_read_without_tensorflow(tmp_path):
+    """A real TFDS fashion_mnist layout (array_record, PNG-encoded images), written here from
+    generated data, is read back by `data.load` through `tfds.data_source`, with no TensorFlow.
+
+    The writer is the registered FashionMNIST builder with its download replaced by generated
+    PIL images (PIL encodes the PNGs; TFDS' own numpy-array encoder would need TensorFlow).
+    """
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pil = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    made = {
+        split: (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), np.arange(n) % 10)
+        for split, n in (("train", 30), ("test", 12))
+    }
+
+    class Generated(tfds.image_classification.FashionMNIST, skip_registration=True):
+        name = "fashion_mnist"
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in made}
+
+        def _generate_examples(self, split):
+            for i, (img, label) in enumerate(zip(*made[split])):
+                yield i, {"image": pil.fromarray(img[..., 0], mode="L"), "label": int(label)}
+
+    Generated(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    assert list((tmp_path / "fashion_mnist").glob("*/fashion_mnist-train.array_record*"))
+    ds = data.load("fashion_mnist", data_dir=tmp_path)
+    for split, (x, y) in (("train", (ds.x_train, ds.y_train)), ("test", (ds.x_test, ds.y_test))):
+        want_x, want_y = made[split]
+        assert x.shape == want_x.shape and x.dtype == np.uint8
+        # TFDS shuffles records: compare as a set of (image bytes, label) pairs, pixel-exact.
+        assert sorted(zip(map(bytes, x), y.tolist())) == sorted(
+            zip(map(bytes, want_x), want_y.tolist())
+        )
+    if importlib.util.find_spec("tensorflow") is None:
+        assert "tensorflow" not in sys.modules
