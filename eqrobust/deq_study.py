@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from eqrobust import data as data_lib
 from eqrobust import defenses as D
 from eqrobust.attacks import _common as C
+from eqrobust.attacks import autoattack, pgd, square
 from eqrobust.attacks import intermediate as I
-from eqrobust.attacks import pgd, square
 from eqrobust.classifier import Dynamics
 from eqrobust.ep import ep_dynamics
 from eqrobust.models.deq import DEQNet, deq_dynamics
@@ -50,7 +50,7 @@ from eqrobust.train.supervised import load_data
 
 DEFENSES = ("final", "early", "ensemble", "entropy")
 # Attacks on the undefended DEQ whose x_adv are reused: transfer, per-state accuracies.
-FINAL_ATTACKS = ("pgd", "intermediate", "ensemble", "adjoint", "square")
+FINAL_ATTACKS = ("pgd", "intermediate", "ensemble", "adjoint", "autoattack", "square")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +140,14 @@ def _white_box(
     if name == "square":
         r = square(predict, x, y, key=key, eps=float(a.eps), norm="linf", queries=int(a.queries))
         return ~np.asarray(r.success), np.asarray(r.x_adv), None
+    if name == "autoattack":  # paper 5: gradient from z_i + K damped steps, judged on predict
+        aa = a.autoattack
+        fn = I.intermediate_surrogate(
+            dyn, predict, state=int(aa.state), unroll=int(aa.unroll), lam=float(aa.lam)
+        )
+        budget = dict(steps=int(aa.steps), queries=int(aa.queries), targets=int(aa.targets))
+        r = autoattack(fn, x, y, key=key, eps=float(a.eps), norm="linf", **budget)
+        return np.asarray(r.robust), np.asarray(r.x_adv), None
     raise ValueError(f"unknown attack {name!r}; expected one of {FINAL_ATTACKS}")
 
 
@@ -206,7 +214,7 @@ def _attack_defense(
     for i, att in enumerate(attacks):
         bar.set_postfix_str(f"{name}: {att}")
         key = jax.random.fold_in(s.key, 100 + i)
-        if att in ("intermediate", "ensemble", "adjoint", "square"):
+        if att in ("intermediate", "ensemble", "adjoint", "autoattack", "square"):
             r, xa, g = _white_box(att, dyn, predict, s, key)
             robust[att] = r & _correct(predict, jnp.asarray(xa), s.y)
             grid = g if g is not None else grid

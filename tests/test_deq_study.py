@@ -68,6 +68,7 @@ def test_smoke_deq_study_end_to_end(tmp_path):
     assert [m.name for m in res.models] == names and res.ep is None
     report = open(os.path.join(workdir, "deq_report.md")).read()
     assert "| Model | Defence | Clean | PGD (final) |" in report
+    assert "AA (interm.): AutoAttack" in report and "reduced budget" in report
     for m in res.models:
         n_states = config.models[m.key].model.f_max_iter
         assert m.num_states == n_states and 1 <= m.early_index <= n_states

@@ -10,18 +10,12 @@ import pytest
 from flax import nnx
 from jax.tree_util import Partial
 
-from eqrobust import solvers
+from eqrobust import attacks, solvers
 from eqrobust.attacks import intermediate as inter
 from eqrobust.attacks import losses
 from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier, deq_dynamics
 
 D, K = 6, 3  # state size and classes of the dense test model
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 # A contractive dense DEQ f(z, a) = tanh(W z + a), a = U flat(x), logits = R z + c.
@@ -46,13 +40,13 @@ def _const(v, x):
     return jnp.broadcast_to(v, (x.shape[0], v.shape[0])) + 0.0 * jnp.sum(x)
 
 
-def _params(seed=0, rho=0.8):
+def _params(seed=0, rho=0.8, dtype=jnp.float64):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    w = jax.random.normal(ks[0], (D, D), jnp.float64)
+    w = jax.random.normal(ks[0], (D, D), dtype)
     w = rho * w / jnp.linalg.norm(w, 2)
-    u = 2.0 * jax.random.normal(ks[1], (D, 4), jnp.float64)
-    r = 2.0 * jax.random.normal(ks[2], (K, D), jnp.float64)
-    return w, u, r, jnp.zeros((K,), jnp.float64)
+    u = 2.0 * jax.random.normal(ks[1], (D, 4), dtype)
+    r = 2.0 * jax.random.normal(ks[2], (K, D), dtype)
+    return w, u, r, jnp.zeros((K,), dtype)
 
 
 def _dyn(num_states=5, tol=1e-3, seed=0):
@@ -88,14 +82,18 @@ def _explicit_states(p, x, n, tol):
     return sol.trajectory.z
 
 
-def _explicit_unrolled_loss(p, z_i, x, y, k, lam):
+def _explicit_unrolled_readout(p, z_i, x, k, lam):
     """The unrolled-intermediate surrogate written out: z_i constant, f once, k damped steps."""
     w, u, r, c = p
     a = _inject(u, x)
     z = _f(w, z_i, a)
     for _ in range(k):
         z = (1.0 - lam) * z + lam * _f(w, z, a)
-    return jnp.sum(losses.cross_entropy(_readout(r, c, z), y))
+    return _readout(r, c, z)
+
+
+def _explicit_unrolled_loss(p, z_i, x, y, k, lam):
+    return jnp.sum(losses.cross_entropy(_explicit_unrolled_readout(p, z_i, x, k, lam), y))
 
 
 def test_unrolled_gradient_is_the_gradient_of_the_explicit_unroll(x64):
@@ -112,6 +110,62 @@ def test_unrolled_gradient_is_the_gradient_of_the_explicit_unroll(x64):
         if k == 1:
             ens = inter.ensemble_gradient(dyn, x, y, unroll=k, lam=lam)
             np.testing.assert_allclose(ens, sum(want), rtol=0, atol=1e-10)
+
+
+def test_intermediate_surrogate_predicts_like_the_model_and_has_the_unrolled_gradient(x64):
+    dyn, p = _dyn()
+    x, y = _x(), jnp.array([0, 1, 2])
+    zs = _explicit_states(p, x, 5, 1e-3)
+    never = Partial(_const, jnp.array([5.0, 0.0, 0.0]))
+    for predict in (None, never):
+        fn = inter.intermediate_surrogate(dyn, predict, state=3, unroll=5, lam=0.5)
+        want_value = (dyn.predict if predict is None else predict)(x)
+        np.testing.assert_array_equal(jax.jit(fn)(x), want_value)  # the value is the model's
+
+        def ce(v, fn=fn):
+            return jnp.sum(losses.cross_entropy(fn(v), y))
+
+        # Straight-through: the loss's cotangent is taken at the model's logits, then pulled
+        # back through the Jacobian of the explicit unroll (z_3 constant, f once, 5 steps).
+        ct = jax.grad(lambda v: jnp.sum(losses.cross_entropy(v, y)))(want_value)
+        _, vjp = jax.vjp(lambda v: _explicit_unrolled_readout(p, zs[2], v, 5, 0.5), x)
+        (want,) = vjp(ct)
+        np.testing.assert_allclose(jax.grad(ce)(x), want, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(jax.jit(jax.grad(ce))(x), want, rtol=0, atol=1e-10)
+        if predict is None:  # it differs from the final state's gradient (the point of it)
+            final = jax.grad(lambda v: jnp.sum(losses.cross_entropy(dyn.predict(v), y)))(x)
+            assert not np.allclose(final, want, atol=1e-6)
+    for bad in (dict(state=0), dict(state=6), dict(state=[1, 2]), dict(unroll=0)):
+        with pytest.raises(ValueError, match="intermediate_surrogate"):
+            inter.intermediate_surrogate(dyn, **bad)
+
+
+def test_autoattack_on_the_intermediate_surrogate_is_judged_on_the_prediction():
+    # The dense DEQ with 4 classes (AutoAttack's targeted DLR needs K >= 4), float32.
+    w, u, r, c = _params(seed=1, dtype=jnp.float32)
+    r4 = jnp.concatenate([r, -r[:1]], axis=0)
+    dyn = inter.broyden_dynamics(
+        Partial(_inject, u),
+        Partial(_f, w),
+        Partial(_readout, r4, jnp.zeros((4,))),
+        Partial(_init),
+        num_states=5,
+    )
+    x = jax.random.uniform(jax.random.PRNGKey(3), (16, 2, 2, 1), jnp.float32)
+    y = jnp.argmax(dyn.predict(x), -1)  # every example clean-correct
+    kw = dict(key=jax.random.key(0), eps=0.3, norm="linf", steps=10, queries=20, targets=2)
+    res = attacks.autoattack(inter.intermediate_surrogate(dyn, state=3), x, y, **kw)
+    assert bool(jnp.all(res.clean_correct))
+    broken = ~res.robust
+    assert int(broken.sum()) > 0
+    # every success is real: the model's own prediction at x_adv is wrong, inside the ball
+    assert bool(jnp.all((jnp.argmax(dyn.predict(res.x_adv), -1) != y)[broken]))
+    assert float(jnp.max(jnp.abs(res.x_adv - x))) <= 0.3 + 1e-6
+    # a prediction that is never fooled stays robust, whatever the surrogate's gradient says
+    never = Partial(_const, jnp.array([5.0, 0.0, 0.0, 0.0]))
+    zero = jnp.zeros_like(y)
+    res = attacks.autoattack(inter.intermediate_surrogate(dyn, never, state=3), x, zero, **kw)
+    assert bool(jnp.all(res.robust))
 
 
 def test_pgd_steps_along_the_surrogate_and_success_is_judged_on_predict_fn(x64):

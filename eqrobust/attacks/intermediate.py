@@ -117,8 +117,8 @@ def _state(zs: PyTree, idx: jax.Array) -> PyTree:
     return jax.tree.map(lambda t: lax.stop_gradient(t[idx]), zs)
 
 
-def _unrolled_loss(dyn: Dynamics, z_i: PyTree, xa: jax.Array, y: jax.Array, unroll: int, lam):
-    """Summed CE of readout(z) with z = f(z_i, a(x)), then `unroll` damped steps."""
+def _unrolled_readout(dyn: Dynamics, z_i: PyTree, xa: jax.Array, unroll: int, lam) -> jax.Array:
+    """readout(z) with z = f(z_i, a(x)), then `unroll` damped steps: logits [B, K]."""
     a = dyn.inject(xa)
     z = dyn.f(z_i, a)
 
@@ -126,7 +126,12 @@ def _unrolled_loss(dyn: Dynamics, z_i: PyTree, xa: jax.Array, y: jax.Array, unro
         return jax.tree.map(lambda p, q: (1.0 - lam) * p + lam * q, z, dyn.f(z, a)), None
 
     z, _ = lax.scan(step, z, None, length=unroll)
-    return jnp.sum(losses.cross_entropy(dyn.readout(z), y))
+    return dyn.readout(z)
+
+
+def _unrolled_loss(dyn: Dynamics, z_i: PyTree, xa: jax.Array, y: jax.Array, unroll: int, lam):
+    """Summed CE of `_unrolled_readout`."""
+    return jnp.sum(losses.cross_entropy(_unrolled_readout(dyn, z_i, xa, unroll, lam), y))
 
 
 def _unrolled_grad(dyn, zs, xa, y, idx, unroll, lam):
@@ -233,6 +238,68 @@ def ensemble_gradient(
     dyn, x, y = _check(dyn, x, y, unroll, lam, "ensemble_gradient")
     idxs = jnp.asarray(_states(states, dyn.num_states, "ensemble_gradient"), jnp.int32) - 1
     return _ensemble_grad_jit(dyn, x, y, idxs, jnp.asarray(lam, x.dtype), unroll=unroll)
+
+
+def _surrogate_logits(
+    dyn: Dynamics, predict: Callable, idx: jax.Array, lam: jax.Array, x: jax.Array, *, unroll: int
+) -> jax.Array:
+    """predict(x) forward; backward: the VJP of the unrolled readout from the detached z_idx(x)."""
+
+    @jax.custom_vjp
+    def logits(xa):
+        return predict(xa)
+
+    def fwd(xa):
+        z_i = _state(dyn.trajectory(xa), idx)
+        _, vjp = jax.vjp(lambda v: _unrolled_readout(dyn, z_i, v, unroll, lam), xa)
+        return predict(xa), vjp
+
+    def bwd(vjp, ct):
+        return vjp(ct)
+
+    logits.defvjp(fwd, bwd)
+    return logits(x)
+
+
+def intermediate_surrogate(
+    dyn: Dynamics,
+    predict_fn: Callable[[jax.Array], jax.Array] | None = None,
+    *,
+    state: int = 3,
+    unroll: int = 5,
+    lam: float = 0.5,
+) -> Callable[[jax.Array], jax.Array]:
+    """A logits function for any attack: the model's prediction, with an intermediate gradient.
+
+    Its forward value is the model's real (defended) prediction `predict_fn(x)` [B, K], so every
+    value an attack reads (APGD's losses and step-size rule, success, Square's and FAB's
+    queries) is judged on the model. Its backward pass (reverse mode only) is straight-through:
+    for a loss L of the logits, the input gradient is J_s(x)^T dL/dlogits, the cotangent taken
+    at the model's logits and pulled back through the Jacobian J_s of the unrolled-intermediate
+    surrogate of `unrolled_gradient` (readout after f(z_i, a(x)) and K damped steps, z_i the i-th
+    solver iterate at x held constant). Paper 5 runs AutoAttack on that surrogate at (i, K, lam)
+    = (3, 5, 0.5), and judged success on the surrogate's output; here
+    `autoattack(intermediate_surrogate(dyn), x, y, ...)` judges it on the prediction.
+
+    Args:
+        dyn: the model's Dynamics.
+        predict_fn: the prediction the attack is judged on; None uses `dyn.predict`.
+        state: i in 1..N.
+        unroll: K >= 1.
+        lam: damping in (0, 1].
+
+    Returns:
+        x [B, H, W, C] -> logits [B, K], a `jax.tree_util.Partial` (the model's arrays are
+        arguments of the compiled attack programs, not constants).
+    """
+    dyn = _canon(dyn)
+    _check_unroll(unroll, lam, "intermediate_surrogate")
+    if not _is_int(state):
+        raise ValueError(f"intermediate_surrogate: state must be one int i, got {state!r}")
+    (i,) = _states(state, dyn.num_states, "intermediate_surrogate")
+    predict = _predict(dyn, predict_fn, "intermediate_surrogate")
+    fn = functools.partial(_surrogate_logits, unroll=unroll)
+    return Partial(fn, dyn, predict, jnp.asarray(i - 1, jnp.int32), jnp.asarray(lam))
 
 
 # ----------------------------------------------------------------------------- PGD core

@@ -19,6 +19,7 @@ COLUMNS = (
     ("intermediate", "intermediate"),
     ("ensemble", "ensemble"),
     ("adjoint", "adjoint"),
+    ("autoattack", "AA (interm.)"),
     ("adaptive", "adaptive"),
     ("transfer", "transfer"),
     ("square", "Square"),
@@ -188,6 +189,10 @@ def write_deq_report(results: DeqStudyResults, out_dir: str) -> dict[str, str]:
         plot_state_accuracy(m, os.path.join(out_dir, files[f"states_{m.key}"]))
     meta = results.meta
     a = meta.get("attack", {})
+    aa = a.get("autoattack", {})
+    standard = {"steps": 100, "queries": 5000, "targets": 9}  # AutoAttack's standard budget
+    reduced = any(aa.get(k, v) < v for k, v in standard.items())
+    aa_reduced = " (reduced budget: weaker than standard AutoAttack)" if reduced else ""
     lines = [
         f"# {meta.get('title', 'DEQ robustness study')}",
         "",
@@ -207,6 +212,10 @@ def write_deq_report(results: DeqStudyResults, out_dir: str) -> dict[str, str]:
         "PGD (final): PGD on the undefended DEQ's final state with its own gradient path (for a "
         "defence: transferred). intermediate: minimum over the unrolled-intermediate grid; "
         "ensemble: gradient-ensemble PGD; adjoint: simultaneous-adjoint PGD (sum over n); "
+        "AA (interm.): AutoAttack whose gradients come from the intermediate surrogate "
+        f"(z_{aa.get('state')}, K = {aa.get('unroll')}, lam {aa.get('lam')}; paper 5's AA column), "
+        f"judged on the prediction; {aa.get('steps')} APGD/FAB iterations, {aa.get('targets')} "
+        f"targets, {aa.get('queries')} Square queries{aa_reduced}; "
         "adaptive: PGD through the defence's own forward (entropy reduction: worst of "
         "phantom / full / BPDA); transfer: worst over the undefended DEQ's x_adv.",
         "",
