@@ -276,7 +276,17 @@ def test_report_headline_is_the_worst_case(tmp_path):
     results = StudyResults(models=(res,))
     head, rows = report.summary_rows(results)
     mean_wc = np.mean([v.accuracy for v in res.worst_case])
-    assert rows[0][head.index("**Worst case L∞** (mean)")] == f"{mean_wc:.3f}"
+    n = res.worst_case[0].n
+    assert rows[0][head.index(f"**Worst case L∞** (mean, n={n})")] == f"{mean_wc:.3f}"
+    # Two models on different numbers of examples: the column says so instead of a bare n.
+    fewer = dataclasses.replace(
+        res,
+        name="fewer",
+        attacks={k: dataclasses.replace(a, n=a.n - 1) for k, a in res.attacks.items()},
+    )
+    head2, _ = report.summary_rows(StudyResults(models=(res, fewer)))
+    label = res.attacks["pgd_linf"].label
+    assert f"{label} (mean; ⚠ n differs between models: {n - 1}/{n})" in head2
     paths = report.write_report(results, str(tmp_path))
     md = open(paths["report"]).read()
     assert "## Worst case over attacks" in md and "pgd_linf, square_linf" in md

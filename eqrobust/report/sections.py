@@ -109,14 +109,27 @@ def _worst_mean(runs: list[ModelResult], norm: str) -> str:
     return (_worst_flags(runs, norm, None).strip() or fmt(vals)) if vals else "–"
 
 
+def _n_note(ns: set[int]) -> str:
+    """ ", n=200" when every model of a column ran on the same examples; a visible warning if not
+    (subsets are nested prefixes, but accuracies on different n are not one comparison)."""
+    if len(ns) == 1:
+        return f", n={next(iter(ns))}"
+    return f"; ⚠ n differs between models: {'/'.join(str(n) for n in sorted(ns))}" if ns else ""
+
+
 def summary_rows(results: StudyResults) -> tuple[list[str], list[list[str]]]:
     """Paper Table 1 extended: clean, the worst case over attacks per norm (headline), per-attack
     mean over strengths, corruptions, mean."""
     anames = _attack_names(results)
     labels = {a: next(m.attacks[a].label for m in results.models if a in m.attacks) for a in anames}
     norms = _norms(results)
-    head = ["Model", "Clean"] + [f"**Worst case {_NORM_LABEL[n]}** (mean)" for n in norms]
-    head += [labels[a] + " (mean)" for a in anames]
+    wc_ns = {n: {w.n for m in results.models for w in m.worst_case if w.norm == n} for n in norms}
+    head = ["Model", "Clean"]
+    head += [f"**Worst case {_NORM_LABEL[n]}** (mean{_n_note(wc_ns[n])})" for n in norms]
+    head += [
+        labels[a] + f" (mean{_n_note({m.attacks[a].n for m in results.models if a in m.attacks})})"
+        for a in anames
+    ]
     head += ["Corruptions (mean)", "Mean robustness", "Failed health checks"]
     rows = []
     for mname, runs in results.by_name().items():
