@@ -32,11 +32,12 @@ Scales:
            intermediate surrogate (z_3, K = 5, lam 0.5, paper 5's AA) runs on the final state
            only, at a reduced budget (20 iterations, 3 targets, 100 Square queries). Eps, steps and
            step sizes are not cut. The models are far from converged: the numbers show the
-           protocol, not the papers' models. Measured on the shared 2-core machine (load ~3):
-           1502 s with the clean DEQ loaded (33 s) instead of trained (~170 s), so ~28 minutes
-           from scratch: training ~2.5 + 3.8 min, evaluation 13.8 + 6.8 min, of which the
-           entropy-reduction attacks 5.4 + 2.7 min and the grid ~3 min per model. The ~10 minute
-           target is NOT met; the next cuts would be fewer test images or the grid's lam axis.
+           protocol, not the papers' models. Measured on the shared 2-core machine (load 2-4),
+           `cpu,ep` from scratch with the EP-CNN loaded: 1839 s: training 3.2 + 4.2 min,
+           evaluation 11.4 + 9.7 min, of which the entropy-reduction attacks 5.2 + 3.5 min and
+           the final-state attacks (grid and AutoAttack included) 4.3 + 5.1 min; EP-CNN 2.1 min.
+           The ~10 minute target is NOT met; the next cuts would be fewer test images or the
+           grid's lam axis.
     paper  CIFAR-10 DEQ-Large(reg): clean, PGD-AT, TRADES, each +/- the random-intermediate loss,
            phantom and exact (12 models), 1000 test images (the DEQ papers' evaluation subsets),
            1000 validation images for the early-state choice, Square 5000 queries, standard
