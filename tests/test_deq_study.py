@@ -55,7 +55,7 @@ def test_smoke_deq_study_end_to_end(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=1200,  # a hang guard only: the run takes 3-6 min on 2 loaded cores
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = [config.models[k].name for k in config.model_order]

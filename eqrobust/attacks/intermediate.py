@@ -298,8 +298,16 @@ def intermediate_surrogate(
         raise ValueError(f"intermediate_surrogate: state must be one int i, got {state!r}")
     (i,) = _states(state, dyn.num_states, "intermediate_surrogate")
     predict = _predict(dyn, predict_fn, "intermediate_surrogate")
-    fn = functools.partial(_surrogate_logits, unroll=unroll)
-    return Partial(fn, dyn, predict, jnp.asarray(i - 1, jnp.int32), jnp.asarray(lam))
+    return Partial(
+        _surrogate_fn(unroll), dyn, predict, jnp.asarray(i - 1, jnp.int32), jnp.asarray(lam)
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _surrogate_fn(unroll: int) -> Callable:
+    """One function object per K: the Partial's static part, so models of one architecture
+    share the compiled attack programs (a fresh functools.partial per call would recompile)."""
+    return functools.partial(_surrogate_logits, unroll=unroll)
 
 
 # ----------------------------------------------------------------------------- PGD core
