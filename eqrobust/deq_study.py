@@ -32,6 +32,7 @@ from eqrobust.attacks import intermediate as I
 from eqrobust.classifier import Dynamics
 from eqrobust.ep import ep_dynamics
 from eqrobust.models.deq import DEQNet, deq_dynamics
+from eqrobust.profiling import compile_seconds
 from eqrobust.report import deq as deq_report
 from eqrobust.results_deq import (
     COMPOSITE_ATTACKS,
@@ -165,14 +166,21 @@ def _defense_result(
 
 
 def _attack_final(
-    dyn: Dynamics, final: Callable, s: _Setup, attacks: tuple[str, ...], bar: tqdm
+    dyn: Dynamics,
+    final: Callable,
+    s: _Setup,
+    attacks: tuple[str, ...],
+    bar: tqdm,
+    timing: dict[str, float],
 ) -> tuple[DefenseResult, dict[str, np.ndarray]]:
     """The undefended DEQ under each attack; also returns the x_adv per attack."""
     clean_ok = _correct(final, s.x, s.y)
     robust, x_adv, grid = {}, {}, None
     for i, name in enumerate(attacks):
         bar.set_postfix_str(f"final: {name}")
+        t0 = time.perf_counter()
         r, xa, g = _white_box(name, dyn, final, s, jax.random.fold_in(s.key, i))
+        timing[f"final: {name}"] = time.perf_counter() - t0
         robust[name] = r & _correct(final, xa, s.y)
         x_adv[name] = xa
         grid = g if g is not None else grid
@@ -193,6 +201,7 @@ def _attack_defense(
     attacks: tuple[str, ...],
     bar: tqdm,
     early_index: int,
+    timing: dict[str, float],
 ) -> DefenseResult:
     """One defence: transfer of the final-DEQ attacks, attacks judged on it, adaptive, Square."""
     er_cfg = D.EntropyReduction(**dict(s.a.entropy_reduction))
@@ -213,7 +222,7 @@ def _attack_defense(
     grid = None
     for i, att in enumerate(attacks):
         bar.set_postfix_str(f"{name}: {att}")
-        key = jax.random.fold_in(s.key, 100 + i)
+        key, t0 = jax.random.fold_in(s.key, 100 + i), time.perf_counter()
         if att in ("intermediate", "ensemble", "adjoint", "autoattack", "square"):
             r, xa, g = _white_box(att, dyn, predict, s, key)
             robust[att] = r & _correct(predict, jnp.asarray(xa), s.y)
@@ -236,6 +245,7 @@ def _attack_defense(
             robust["adaptive"] = _correct(predict, r.x_adv, s.y)
         elif att != "transfer":
             raise ValueError(f"unknown defence attack {att!r}")
+        timing[f"{name}: {att}"] = time.perf_counter() - t0
     if tr:
         robust["transfer"] = np.logical_and.reduce(list(tr.values()))
     note = f"z_{early_index} (selected on validation)" if name == "early" else ""
@@ -285,6 +295,7 @@ def _evaluate_model(
 ) -> DeqModelResult:
     """All measurements of one trained DEQ."""
     timing: dict[str, float] = {}
+    c0 = compile_seconds()
     model = deq_model(trained)
     dyn = deq_dynamics(model)
     final = trained.classifier.logits_fn
@@ -292,7 +303,7 @@ def _evaluate_model(
     attacks = tuple(config.final_attacks)
     bar = tqdm(total=2 + len(defenses), desc=f"DEQ study {trained.config.name}", leave=False)
     t0 = time.perf_counter()
-    final_res, x_adv = _attack_final(dyn, final, s, attacks, bar)
+    final_res, x_adv = _attack_final(dyn, final, s, attacks, bar, timing)
     timing["attacks on the final state"] = time.perf_counter() - t0
     bar.update()
     t0 = time.perf_counter()
@@ -305,12 +316,13 @@ def _evaluate_model(
     for name in defenses:
         t0 = time.perf_counter()
         att = tuple(config.defense_attacks[name])
-        results.append(_attack_defense(name, model, dyn, x_adv, s, att, bar, sel.index))
+        results.append(_attack_defense(name, model, dyn, x_adv, s, att, bar, sel.index, timing))
         timing[f"defence {name}"] = time.perf_counter() - t0
         bar.update()
     t0 = time.perf_counter()
     dynamics = _dynamics(dyn, s, x_adv, "pgd")
     timing["dynamics analyses"] = time.perf_counter() - t0
+    timing["of which compilation"] = compile_seconds() - c0
     bar.update()
     bar.close()
     return DeqModelResult(
@@ -377,14 +389,15 @@ def run_deq_study(
 
     Args:
         config: see eqrobust/configs/deq_study.py (models, model_order, num_test, num_val,
-            subset_seed, attack, defenses, final_attacks, defense_attacks, ep_model).
+            subset_seed, attack, defenses, final_attacks, defense_attacks, ep_model,
+            ep_workdir).
         workdir: model runs go to workdir/<key>.
         out_dir: deq_results.json, deq_report.md and the figures (default: workdir).
 
     Returns:
         DeqStudyResults (also written to <out>/deq_results.json).
     """
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), compile_seconds()
     keys = list(config.model_order)
     missing = [k for k in keys if k not in config.models]
     if missing:
@@ -406,9 +419,13 @@ def run_deq_study(
     ep_res = None
     if config.get("ep_model", None) is not None:
         ep_res, timing["EP-CNN train-or-load + attacks"] = _evaluate_ep(
-            config.ep_model, os.path.join(workdir, "ep_cnn"), s, int(config.subset_seed)
+            config.ep_model,
+            config.get("ep_workdir", None) or os.path.join(workdir, "ep_cnn"),
+            s,
+            int(config.subset_seed),
         )
     timing["total before report"] = time.perf_counter() - t_start
+    timing["of which compilation"] = compile_seconds() - c_start
     meta = dict(
         title=config.get("title", "DEQ robustness study"),
         scale=config.get("scale", "?"),

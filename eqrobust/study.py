@@ -20,6 +20,7 @@ from eqrobust import data as data_lib
 from eqrobust import ep, report
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.evaluation import evaluate_classifier
+from eqrobust.profiling import compile_seconds
 from eqrobust.results import StudyResults
 from eqrobust.train import Trained, get_trainer
 from eqrobust.train import ep as ep_train
@@ -224,7 +225,7 @@ def run_study(
     Returns:
       The results (also written to results.json next to report.md).
     """
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), compile_seconds()
     timing: dict[str, float] = {}
     keys = list(config.model_order) if only is None else list(only)
     unknown = [k for k in keys if k not in config.models]
@@ -264,5 +265,6 @@ def run_study(
     )
     results = StudyResults(models=tuple(models), meta=meta)
     timing["total before report"] = time.perf_counter() - t_start
+    timing["of which compilation"] = compile_seconds() - c_start
     report.write_report(results, workdir if out_dir is None else out_dir)
     return results

@@ -14,6 +14,7 @@ import pytest
 
 from eqrobust import study as study_lib
 from eqrobust.configs import adv_cnn, study
+from eqrobust.profiling import compile_seconds
 from eqrobust.report import plots
 from eqrobust.results import StudyResults
 from eqrobust.train import adversarial
@@ -205,3 +206,15 @@ def test_evaluate_binary_requires_trained_runs(tmp_path):
     )
     assert proc.returncode != 0
     assert "FileNotFoundError" in proc.stderr and "no checkpoints for BP-CNN" in proc.stderr
+
+
+def test_compile_seconds_counts_new_compilations_only():
+    """The time budgets' "of which compilation": grows on a new program, not on a cached call."""
+    f = jax.jit(lambda v: jnp.tanh(v) @ v.T)
+    x, x2 = np.ones((64, 64), np.float32), np.full((64, 64), 2.0, np.float32)
+    c0 = compile_seconds()
+    f(x).block_until_ready()
+    c1 = compile_seconds()
+    f(x2).block_until_ready()  # same shapes: the cached executable
+    assert c1 > c0
+    assert compile_seconds() == c1

@@ -46,7 +46,8 @@ Scales:
 
 import ml_collections
 
-from eqrobust.configs import deq, ep_cnn
+from eqrobust.configs import deq
+from eqrobust.configs import study as study_config
 
 SCALES = ("smoke", "cpu", "paper")
 
@@ -149,7 +150,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         c.defense_attacks.entropy = ("transfer", "adaptive")
     ep = None
     if scale == "paper" or "ep" in parts[1:]:
-        ep = ep_cnn.get_config(scale)
-        ep.name = "EP-CNN"
+        # The robustness study's EP-CNN config, so that `make demo` loads the EP-CNN its EP side
+        # trained (a different training config would be refused by train-or-load).
+        ep = study_config.get_config(scale).models.ep_cnn
     c.ep_model = ep  # the EP-CNN's training config, or None
+    # Where the EP-CNN is trained or loaded (None: <workdir>/ep_cnn).
+    c.ep_workdir = ml_collections.config_dict.placeholder(str)
     return c
