@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from eqrobust.configs import bp_cnn
-from eqrobust.train import get_trainer, loop, supervised
+from eqrobust.train import get_trainer, loop, supervised, workdir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,3 +200,23 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     assert "WARNING: checkpoint at step 8" in cap.out + cap.err
     for p, q in zip(_leaves(straight.state), _leaves(resumed.state)):
         np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_workdir_lock_makes_a_second_trainer_wait(tmp_path):
+    """Two train-or-loads of one workdir never interleave: the second waits for the first."""
+    events = []
+
+    def hold():
+        with workdir_lock(str(tmp_path), "first"):
+            events.append("first in")
+            time.sleep(0.5)
+            events.append("first out")
+
+    t = threading.Thread(target=hold)
+    t.start()
+    while not events:
+        time.sleep(0.01)
+    with workdir_lock(str(tmp_path), "second"):
+        events.append("second in")
+    t.join()
+    assert events == ["first in", "first out", "second in"]
