@@ -10,7 +10,7 @@ import pytest
 from eqrobust import evaluation, report
 from eqrobust.evaluation.stages import worst_cases
 from eqrobust.models import Classifier, GradientPath
-from eqrobust.results import Accuracy, GradientInfo, StudyResults
+from eqrobust.results import Accuracy, GradientInfo, StudyResults, wilson
 
 H = W = 8
 # L2 distances of the test points to the decision boundary; chosen away from every eps of the
@@ -277,7 +277,11 @@ def test_report_headline_is_the_worst_case(tmp_path):
     head, rows = report.summary_rows(results)
     mean_wc = np.mean([v.accuracy for v in res.worst_case])
     n = res.worst_case[0].n
-    assert rows[0][head.index(f"**Worst case L∞** (mean, n={n})")] == f"{mean_wc:.3f}"
+    # The cell carries its interval: the means of the per-eps 95 % Wilson bounds.
+    lo, hi = np.mean([wilson(v.accuracy, v.n) for v in res.worst_case], axis=0)
+    cell = rows[0][head.index(f"**Worst case L∞** (mean, n={n})")]
+    assert cell == f"{mean_wc:.3f} [{lo:.2f}, {hi:.2f}]"
+    assert lo < mean_wc < hi
     # Two models on different numbers of examples: the column says so instead of a bare n.
     fewer = dataclasses.replace(
         res,

@@ -10,6 +10,7 @@ from eqrobust.report.text import (
     flag_str,
     fmt,
     fmt_acc,
+    fmt_mean_acc,
     md_table,
     subset_note,
     subset_notes,
@@ -104,9 +105,9 @@ def _worst_flags(runs: list[ModelResult], norm: str, value: float | None) -> str
 
 
 def _worst_mean(runs: list[ModelResult], norm: str) -> str:
-    vals = [np.mean([w.accuracy for w in m.worst_case if w.norm == norm]) for m in runs]
-    vals = [float(v) for v in vals if not np.isnan(v)]
-    return (_worst_flags(runs, norm, None).strip() or fmt(vals)) if vals else "–"
+    vals = [[(w.accuracy, w.n) for w in m.worst_case if w.norm == norm] for m in runs]
+    vals = [v for v in vals if v]
+    return (_worst_flags(runs, norm, None).strip() or fmt_mean_acc(vals)) if vals else "–"
 
 
 def _n_note(ns: set[int]) -> str:
@@ -133,14 +134,20 @@ def summary_rows(results: StudyResults) -> tuple[list[str], list[list[str]]]:
     head += ["Corruptions (mean)", "Mean robustness", "Failed health checks"]
     rows = []
     for mname, runs in results.by_name().items():
-        row = [mname, fmt([m.clean.accuracy for m in runs])]
+        row = [mname, fmt_mean_acc([[(m.clean.accuracy, m.clean.n)] for m in runs])]
         row += [_worst_mean(runs, n) for n in norms]
         for a in anames:
-            vals = [float(np.mean(m.attacks[a].accuracy)) for m in runs if a in m.attacks]
+            vals = [
+                [(v, m.attacks[a].n) for v in m.attacks[a].accuracy] for m in runs if a in m.attacks
+            ]
             # A cell whose checks fail shows the flags, not a number that cannot be trusted.
-            row.append((flag_str(runs, a, None).strip() or fmt(vals)) if vals else "–")
-        cor = [m.corruptions.mean for m in runs if m.corruptions]
-        row.append(fmt(cor) if cor else "–")
+            row.append((flag_str(runs, a, None).strip() or fmt_mean_acc(vals)) if vals else "–")
+        cor = [
+            [(v, m.corruptions.n) for accs in m.corruptions.accuracy.values() for v in accs]
+            for m in runs
+            if m.corruptions
+        ]
+        row.append(fmt_mean_acc(cor) if cor else "–")
         failed = sorted({c.id for m in runs for c in m.health if not c.passed})
         row.append("⚠" + ",".join(failed) if failed else fmt([m.mean_robustness for m in runs]))
         row.append(", ".join(f"({f})" for f in failed) if failed else "none")

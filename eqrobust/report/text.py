@@ -40,6 +40,22 @@ def fmt_acc(values: Sequence[float], n: int) -> str:
     return f"{vals[0]:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
+def fmt_mean_acc(runs: Sequence[Sequence[tuple[float, int]]]) -> str:
+    """A mean of accuracies (e.g. over an eps grid), per run a list of (accuracy, n).
+
+    One run: the mean with the means of the per-accuracy 95 % Wilson bounds (exact when
+    robustness is nested across the grid, as it is for one attack over growing eps; wider than
+    needed when the accuracies vary independently). Several runs: the Student-t interval over
+    the runs' means (`fmt`).
+    """
+    runs = [list(r) for r in runs if len(r)]
+    if len(runs) != 1:
+        return fmt([float(np.mean([a for a, _ in r])) for r in runs])
+    bounds = np.asarray([wilson(a, n) for a, n in runs[0]])
+    mean = float(np.mean([a for a, _ in runs[0]]))
+    return f"{mean:.3f} [{bounds[:, 0].mean():.2f}, {bounds[:, 1].mean():.2f}]"
+
+
 def flag_str(runs: Sequence[ModelResult], attack: str, value: float | None) -> str:
     """' ⚠a,c' for the failed health checks that apply to one cell, else ''."""
     flags = sorted({f for m in runs for f in m.cell_flags(attack, value)})
