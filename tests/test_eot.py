@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import pytest
 
 from eqrobust import attacks, evaluation
 from eqrobust.attacks import _common as C
-from eqrobust.attacks import losses
+from eqrobust.attacks import losses, registry
 from eqrobust.classifier import Classifier
 
 aa_mod = importlib.import_module("eqrobust.attacks.autoattack")
@@ -51,7 +52,7 @@ def tiny_model():
 
 def fixture_outputs() -> dict[str, np.ndarray]:
     """PGD, APGD and AutoAttack outputs on `tiny_model`; `attacks_before_eot.npz` holds them as
-    the code before EOT produced them (written with this function at commit 26b7315)."""
+    the code before EOT produced them (this function run on the eqrobust of commit 26b7315)."""
     f, x, y = tiny_model()
     key = jax.random.key(3)
     runs = {
@@ -62,7 +63,11 @@ def fixture_outputs() -> dict[str, np.ndarray]:
         "apgd_t": attacks.apgd(
             f, x, y, key=key, eps=0.125, steps=20, targeted=True, n_target_classes=3
         ),
-        "aa": attacks.autoattack(f, x, y, key=key, eps=0.125, steps=10, queries=50, targets=3),
+        # APGD-CE breaks 6 points, APGD-T 1 (FAB-T and Square do not run); compact=False and
+        # steps=20 reuse the two APGD programs above, so this costs no compilation.
+        "aa": attacks.autoattack(
+            f, x, y, key=key, eps=0.25, steps=20, queries=50, targets=3, compact=False
+        ),
     }
     out = {}
     for name, r in runs.items():
@@ -225,28 +230,35 @@ def test_eot_arguments_are_checked_and_versions_have_their_budgets():
     assert Classifier(f, "m").sample_logits_fn is None  # backwards compatible
 
 
-def test_evaluation_passes_the_classifiers_sampler_to_eot_attacks():
-    """The suite hands `Classifier.sample_logits_fn` to EOT-capable attacks (PGD with
-    settings eot_iter > 1 here; AutoAttack-rand always) and judges with `logits_fn`."""
+def test_evaluation_passes_the_classifiers_sampler_to_eot_attacks(monkeypatch):
+    """The suite hands `Classifier.sample_logits_fn` to EOT-capable attacks (AutoAttack-rand;
+    PGD only when its settings ask for eot_iter > 1; other specs have eot=False), never to
+    another gradient path, and judges with `logits_fn` (attacks stubbed: they record calls)."""
     f, sample, x, y = noisy_multiclass(n=8)
-    traced = []
+    calls = []
 
-    def recording_sample(xa, key):
-        traced.append(xa.shape)
-        return sample(xa, key)
+    def recorder(fn, x_, y_, **kw):
+        calls.append(kw)
+        return types.SimpleNamespace(x_adv=x_)
 
-    clf = Classifier(f, "noisy", randomized=True, sample_logits_fn=recording_sample)
+    monkeypatch.setattr(registry, "pgd", recorder)
+    monkeypatch.setattr(registry, "autoattack", recorder)
+    clf = Classifier(f, "noisy", randomized=True, sample_logits_fn=sample)
     config = evaluation.default_config()
     config.progress, config.batch_size = False, 8
     ctx = evaluation.Context(clf, config, np.asarray(x), np.asarray(y), 8, jax.random.key(0))
     ctx.clean_correct = np.asarray(jnp.argmax(f(x), -1) == y)
-    kw = dict(key=jax.random.key(1))
-    ctx.robust_correct("pgd_linf", 0.05, {"steps": 2}, 8, **kw)
-    assert not traced  # eot_iter = 1: PGD attacks logits_fn, as before
-    correct, x_adv = ctx.robust_correct(
-        "pgd_linf", 0.05, {"steps": 2, "eot_iter": 3}, 8, return_adv=True, **kw
-    )
-    assert traced
-    np.testing.assert_array_equal(
-        correct, np.asarray(jnp.argmax(f(x_adv), -1) == y) & ctx.clean_correct
-    )
+    runs = [
+        ("pgd_linf", {"steps": 2}, None),
+        ("pgd_linf", {"steps": 2, "eot_iter": 3}, None),
+        ("autoattack_rand_l2", {"steps": 5}, None),
+        ("autoattack_rand_linf", {}, f),  # another gradient path: no sampler
+    ]
+    for name, settings, attack_fn in runs:
+        correct = ctx.robust_correct(
+            name, 0.05, settings, 8, key=jax.random.key(1), attack_logits_fn=attack_fn
+        )
+        np.testing.assert_array_equal(correct, ctx.clean_correct)  # judged at x_adv = x
+    got = [c.get("sample_logits_fn") for c in calls]
+    assert got == [None, sample, sample, None]
+    assert calls[2]["version"] == "rand" and calls[2]["steps"] == 5 and calls[2]["norm"] == "l2"
