@@ -57,10 +57,17 @@ class Classifier:
         gradient: how logits_fn's input gradient is obtained for an equilibrium model; None means
             plain autodiff of a feedforward forward.
         randomized: the forward draws fresh randomness per call (attacks need EOT).
+            Such a classifier should also give `sample_logits_fn`, and its `logits_fn` should
+            be a forward the user can reproduce (e.g. the noise-free forward or one fixed
+            draw): attacks and the evaluation judge success with `logits_fn`.
         test_time_optimization: the forward optimises something at test time (e.g. entropy
             reduction); attacks must be adaptive through that optimisation.
         residual_fn: optional x -> [B] relative residual ||f(z) - z|| / ||f(z)|| of the state the
             prediction reads out (equilibrium models); a measurement, checked by the evaluation.
+        sample_logits_fn: optional randomised forward with an explicit PRNG key,
+            (x [B, H, W, C], key) -> logits [B, K]: one draw of the model's randomness. EOT
+            attacks (`eot_iter` of PGD/APGD, AutoAttack version="rand") average their
+            gradients over draws of it; their success is still judged with `logits_fn`.
     """
 
     logits_fn: Callable[[jax.Array], jax.Array]
@@ -71,6 +78,14 @@ class Classifier:
     randomized: bool = False
     test_time_optimization: bool = False
     residual_fn: Callable[[jax.Array], jax.Array] | None = None
+    sample_logits_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_logits_fn is not None and not callable(self.sample_logits_fn):
+            raise TypeError(
+                "Classifier.sample_logits_fn must be a callable (x, key) -> logits or None, "
+                f"got {type(self.sample_logits_fn).__name__}"
+            )
 
     @property
     def gradient_matches_prediction(self) -> bool:

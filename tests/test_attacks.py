@@ -385,8 +385,8 @@ def test_errors():
         attacks.fab(f, x, y, key=k, eps=0.0)
     with pytest.raises(ValueError, match="n_target_classes"):
         attacks.apgd(f, x, y, key=k, eps=0.1, targeted=True, n_target_classes=5)
-    with pytest.raises(ValueError, match="standard"):
-        attacks.autoattack(f, x, y, key=k, eps=0.1, version="rand")
+    with pytest.raises(ValueError, match="version"):
+        attacks.autoattack(f, x, y, key=k, eps=0.1, version="plus")
     with pytest.raises(ValueError, match="batch_size"):
         attacks.run_attack(functools.partial(attacks.pgd, f, eps=0.1), x, y, key=k, batch_size=0)
 

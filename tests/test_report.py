@@ -252,6 +252,9 @@ def test_reduced_autoattack_budget_is_stated(tmp_path):
             s = dict(standard, targets=targets)
             for a in ("autoattack_linf", "autoattack_l2"):
                 m["attacks"][a].update(settings=s, reduced=spec.is_reduced(s))
+            for a in ("autoattack_rand_linf", "autoattack_rand_l2"):  # full 'rand' budget
+                rand = evaluation.ATTACKS[a]
+                m["attacks"][a].update(settings=s, reduced=rand.is_reduced(s))
 
         return edit
 

@@ -184,3 +184,83 @@ def loss_and_grad(logits_fn: LogitsFn, objective: Callable[[jax.Array], jax.Arra
         return obj, logits, g
 
     return vg
+
+
+SampleLogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+# Folded into an attack run's key to derive its EOT draws' keys (apart from its random start).
+_EOT_TAG = 0x454F54
+
+
+def eot_loss_and_grad(
+    logits_fn: LogitsFn,
+    sample_logits_fn: SampleLogitsFn,
+    objective: Callable[[jax.Array], jax.Array],
+    eot_iter: int,
+):
+    """Expectation over transformation: (x, key) -> (objective [B], logits [B, K], grad).
+
+    The objective [B] and the gradient [B, H, W, C] are means over `eot_iter` draws
+    `sample_logits_fn(x, k_j)`, k_j = `jax.random.split(key, eot_iter)[j]`, accumulated in one
+    `lax.fori_loop` (memory of one draw, not eot_iter). The logits are `logits_fn(x)`, the
+    reproducible forward that judges success (one extra forward, no gradient). The reference
+    AutoAttack also averages the gradients; its loss value is the last draw's, here the mean.
+    """
+
+    def draw(xa: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def f(z: jax.Array):
+            obj = objective(sample_logits_fn(z, k))
+            return jnp.sum(obj), obj
+
+        (_, obj), g = jax.value_and_grad(f, has_aux=True)(xa)
+        return obj, g
+
+    def vg(xa: jax.Array, key: jax.Array):
+        keys = jax.random.split(key, eot_iter)
+
+        def body(j: jax.Array, acc: tuple[jax.Array, jax.Array]):
+            obj, g = draw(xa, keys[j])
+            return acc[0] + obj, acc[1] + g
+
+        init = (jnp.zeros(xa.shape[0], xa.dtype), jnp.zeros_like(xa))
+        obj, g = jax.lax.fori_loop(0, eot_iter, body, init)
+        return obj / eot_iter, logits_fn(xa), g / eot_iter
+
+    return vg
+
+
+def step_loss_and_grad(
+    logits_fn: LogitsFn,
+    objective: Callable[[jax.Array], jax.Array],
+    sample_logits_fn: SampleLogitsFn | None,
+    eot_iter: int,
+    key: jax.Array,
+):
+    """(x, step) -> (objective [B], judged logits [B, K], gradient [B, H, W, C]) of an attack.
+
+    Without a sampler: `loss_and_grad(logits_fn, objective)` at x, the step unused (the program
+    of the attacks before EOT, unchanged). With one: `eot_loss_and_grad` with the key
+    `fold_in(fold_in(key, _EOT_TAG), step)`, so every iteration of a run draws fresh samples.
+    """
+    if sample_logits_fn is None:
+        vg = loss_and_grad(logits_fn, objective)
+        return lambda xa, step: vg(xa)
+    vg_eot = eot_loss_and_grad(logits_fn, sample_logits_fn, objective, eot_iter)
+    base = jax.random.fold_in(key, _EOT_TAG)
+    return lambda xa, step: vg_eot(xa, jax.random.fold_in(base, step))
+
+
+def check_eot(
+    eot_iter: int, sample_logits_fn: SampleLogitsFn | None, who: str
+) -> jax.tree_util.Partial | None:
+    """Validates `eot_iter` (>= 1; > 1 needs a sampler) -> the sampler as a pytree callable."""
+    if not (isinstance(eot_iter, int) and eot_iter >= 1):
+        raise ValueError(f"{who}: eot_iter must be an int >= 1, got {eot_iter!r}")
+    if sample_logits_fn is None:
+        if eot_iter > 1:
+            raise ValueError(
+                f"{who}: eot_iter={eot_iter} averages gradients over random draws of "
+                "sample_logits_fn(x, key), but none was given; pass the classifier's sampler, "
+                "or eot_iter=1 for a deterministic classifier"
+            )
+        return None
+    return as_pytree_fn(sample_logits_fn)

@@ -66,12 +66,16 @@ class _State(NamedTuple):
     iters: jax.Array
 
 
-def _apgd_single(logits_fn, x, y, target, key, eps, active, *, norm, steps, loss):
-    """One APGD run -> (x_adv, iterations); fooled examples freeze at the fooling point."""
-    vg = C.loss_and_grad(logits_fn, lambda z: losses.objective(loss, z, y, target))
+def _apgd_single(
+    logits_fn, sample_fn, x, y, target, key, eps, active, *, norm, steps, loss, eot_iter
+):
+    """One APGD run -> (x_adv, iterations); fooled examples (judged by logits_fn) freeze at the
+    fooling point. With a sampler, losses and gradients are means over eot_iter draws."""
+    objective = lambda z: losses.objective(loss, z, y, target)  # noqa: E731
+    vg = C.step_loss_and_grad(logits_fn, objective, sample_fn, eot_iter, key)
     k0, decr, k_min = schedule_constants(steps)
     x0 = C.where_b(active, random_start_apgd(key, x, eps, norm), x)
-    obj, logits, g = vg(x0)
+    obj, logits, g = vg(x0, steps)  # EOT key index `steps`: the loop uses 0..steps-1
     fooled = C.misclassified(logits, y)
     b = x.shape[0]
     s = _State(
@@ -91,7 +95,7 @@ def _apgd_single(logits_fn, x, y, target, key, eps, active, *, norm, steps, loss
         ss = C.bcast(s.step)
         z = C.project(s.x_adv + ss * C.normalized_step(s.grad, norm), x, eps, norm)
         z = C.project(s.x_adv + (z - s.x_adv) * a + (s.x_adv - s.x_old) * (1 - a), x, eps, norm)
-        obj, logits, g = vg(z)
+        obj, logits, g = vg(z, s.i)
         fooled = C.misclassified(logits, y)
         improved = obj > s.loss_best
         x_best = C.where_b(improved, z, s.x_best)
@@ -136,9 +140,12 @@ def _apgd_single(logits_fn, x, y, target, key, eps, active, *, norm, steps, loss
 
 @functools.partial(
     jax.jit,
-    static_argnames=("norm", "steps", "loss", "targeted", "n_targets", "restarts"),
+    static_argnames=("norm", "steps", "loss", "targeted", "n_targets", "restarts", "eot_iter"),
 )
-def _apgd(logits_fn, x, y, key, eps, active, *, norm, steps, loss, targeted, n_targets, restarts):
+def _apgd(
+    logits_fn, sample_fn, x, y, key, eps, active, *, norm, steps, loss, targeted, n_targets,
+    restarts, eot_iter,
+):  # fmt: skip
     order = jnp.argsort(logits_fn(x), axis=-1) if targeted else None
     runs = n_targets * restarts if targeted else restarts
 
@@ -148,6 +155,7 @@ def _apgd(logits_fn, x, y, key, eps, active, *, norm, steps, loss, targeted, n_t
         target = order[:, -(r // restarts) - 2] if targeted else None
         xa, it = _apgd_single(
             logits_fn,
+            sample_fn,
             x,
             y,
             target,
@@ -157,6 +165,7 @@ def _apgd(logits_fn, x, y, key, eps, active, *, norm, steps, loss, targeted, n_t
             norm=norm,
             steps=steps,
             loss=loss,
+            eot_iter=eot_iter,
         )
         ok = todo & C.misclassified(logits_fn(xa), y)
         return C.where_b(todo, xa, x_adv), success | ok, iters + it
@@ -179,6 +188,8 @@ def apgd(
     n_target_classes: int = 9,
     restarts: int = 1,
     active: jax.Array | None = None,
+    eot_iter: int = 1,
+    sample_logits_fn: C.SampleLogitsFn | None = None,
 ) -> C.AttackResult:
     """APGD with the reference step-size schedule, momentum 0.75 and per-example early stopping.
 
@@ -200,6 +211,14 @@ def apgd(
         n_target_classes: number of target classes (<= K - 1).
         restarts: runs per target (untargeted: runs), each from a new random start.
         active: optional [B] bool mask of the examples to attack.
+        eot_iter: expectation over transformation (AutoAttack's `eot_iter`; 20 in its "rand"
+            version): every loss and gradient, the first included, is the mean over eot_iter
+            draws of `sample_logits_fn`, keys folded in from the run's key and the iteration.
+            > 1 needs a sampler.
+        sample_logits_fn: optional randomised forward (x [B, H, W, C], key) -> logits [B, K];
+            when given, losses and gradients come from its draws. Success (early stopping and
+            the returned flag) is always judged with `logits_fn`, a forward the user can
+            reproduce; the reference code judges on the last random draw instead.
 
     Returns:
         AttackResult; iterations are summed over runs.
@@ -217,8 +236,10 @@ def apgd(
             raise ValueError(
                 f"apgd: n_target_classes must be in [1, K - 1 = {k - 1}], got {n_target_classes}"
             )
+    sample_fn = C.check_eot(eot_iter, sample_logits_fn, "apgd")
     return _apgd(
         C.as_pytree_fn(logits_fn),
+        sample_fn,
         x,
         y,
         key,
@@ -230,4 +251,5 @@ def apgd(
         targeted=bool(targeted),
         n_targets=int(n_target_classes),
         restarts=int(restarts),
+        eot_iter=int(eot_iter),
     )

@@ -26,9 +26,14 @@ def random_start_pgd(key: jax.Array, x: jax.Array, eps: jax.Array, norm: str) ->
     return jnp.clip(x + delta, 0.0, 1.0)
 
 
-def _pgd_single(logits_fn, x, y, key, eps, step_size, active, *, norm, steps, random_start, loss):
-    """One PGD run; examples misclassified at the current iterate are frozen there."""
-    vg = C.loss_and_grad(logits_fn, lambda z: losses.objective(loss, z, y, None))
+def _pgd_single(
+    logits_fn, sample_fn, x, y, key, eps, step_size, active, *, norm, steps, random_start, loss,
+    eot_iter,
+):  # fmt: skip
+    """One PGD run; examples misclassified (by logits_fn) at the current iterate are frozen
+    there. With a sampler the gradient is the mean over eot_iter draws (`_common`)."""
+    objective = lambda z: losses.objective(loss, z, y, None)  # noqa: E731
+    vg = C.step_loss_and_grad(logits_fn, objective, sample_fn, eot_iter, key)
     x0 = random_start_pgd(key, x, eps, norm) if random_start else x
     x0 = C.where_b(active, x0, x)
 
@@ -38,7 +43,7 @@ def _pgd_single(logits_fn, x, y, key, eps, step_size, active, *, norm, steps, ra
 
     def body(s):
         i, xa, act, iters = s
-        _, logits, g = vg(xa)
+        _, logits, g = vg(xa, i)
         act = act & ~C.misclassified(logits, y)
         xn = C.project(xa + step_size * C.normalized_step(g, norm), x, eps, norm)
         xa = C.where_b(act, xn, xa)
@@ -49,15 +54,19 @@ def _pgd_single(logits_fn, x, y, key, eps, step_size, active, *, norm, steps, ra
     return xa, iters
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "steps", "random_start", "restarts", "loss"))
+@functools.partial(
+    jax.jit, static_argnames=("norm", "steps", "random_start", "restarts", "loss", "eot_iter")
+)
 def _pgd(
-    logits_fn, x, y, key, eps, step_size, active, *, norm, steps, random_start, restarts, loss
-):
+    logits_fn, sample_fn, x, y, key, eps, step_size, active, *, norm, steps, random_start,
+    restarts, loss, eot_iter,
+):  # fmt: skip
     def restart(r, carry):
         x_adv, success, iters = carry
         todo = active & ~success
         xa, it = _pgd_single(
             logits_fn,
+            sample_fn,
             x,
             y,
             jax.random.fold_in(key, r),
@@ -68,6 +77,7 @@ def _pgd(
             steps=steps,
             random_start=random_start,
             loss=loss,
+            eot_iter=eot_iter,
         )
         ok = todo & C.misclassified(logits_fn(xa), y)
         x_adv = C.where_b(todo, xa, x_adv)
@@ -91,6 +101,8 @@ def pgd(
     restarts: int = 1,
     loss: str = "ce",
     active: jax.Array | None = None,
+    eot_iter: int = 1,
+    sample_logits_fn: C.SampleLogitsFn | None = None,
 ) -> C.AttackResult:
     """Untargeted PGD in the Linf or L2 ball intersected with [0, 1].
 
@@ -115,6 +127,13 @@ def pgd(
         restarts: number of runs.
         loss: "ce", "dlr" or "margin".
         active: optional [B] bool mask of the examples to attack; the others keep x_adv = x.
+        eot_iter: expectation over transformation for randomised classifiers: each step's
+            gradient (and loss) is the mean over eot_iter draws of `sample_logits_fn`, with
+            keys folded in from the run's key and the iteration. > 1 needs a sampler.
+        sample_logits_fn: optional randomised forward (x [B, H, W, C], key) -> logits [B, K]
+            (`Classifier.sample_logits_fn`); when given, gradients come from its draws
+            (eot_iter=1: a single draw per step). Success, early stopping included, is always
+            judged with `logits_fn`, the forward the user can reproduce.
 
     Returns:
         AttackResult with x_adv [B, H, W, C], success [B] (misclassified at x_adv) and
@@ -127,9 +146,11 @@ def pgd(
         raise ValueError(f"pgd: steps and restarts must be >= 1, got {steps}, {restarts}")
     if loss not in ("ce", "dlr", "margin"):
         raise ValueError(f"pgd: loss must be 'ce', 'dlr' or 'margin', got {loss!r}")
+    sample_fn = C.check_eot(eot_iter, sample_logits_fn, "pgd")
     ss = eps / 8.0 if step_size is None else step_size
     return _pgd(
         C.as_pytree_fn(logits_fn),
+        sample_fn,
         x,
         y,
         key,
@@ -141,4 +162,5 @@ def pgd(
         random_start=bool(random_start),
         restarts=int(restarts),
         loss=loss,
+        eot_iter=int(eot_iter),
     )

@@ -8,12 +8,12 @@ from typing import Any
 
 import jax
 
-from eqrobust.attacks.autoattack import autoattack, is_reduced
+from eqrobust.attacks.autoattack import autoattack, is_reduced, is_reduced_rand
 from eqrobust.attacks.cw import cw_l2
 from eqrobust.attacks.pgd import pgd
 from eqrobust.attacks.square import square
 
-# runner(logits_fn, x, y, *, key, value, **settings) -> x_adv [B, H, W, C]
+# runner(logits_fn, x, y, *, key, value, [sample_logits_fn,] **settings) -> x_adv [B, H, W, C]
 Runner = Callable[..., jax.Array]
 
 
@@ -28,6 +28,9 @@ class AttackSpec:
         param: what the strength grid means: "eps" (threat-model radius) or "c" (C&W constant).
         run: the runner, `run(logits_fn, x, y, *, key, value, **settings) -> x_adv`.
         is_reduced: settings -> whether the budget is below the attack's standard one.
+        eot: the runner takes `sample_logits_fn=` (x, key) -> logits, a randomised
+            classifier's sampler, and attacks with EOT through it; the evaluation passes the
+            classifier's `sample_logits_fn` when it has one.
     """
 
     label: str
@@ -36,6 +39,7 @@ class AttackSpec:
     param: str
     run: Runner
     is_reduced: Callable[[dict[str, Any]], bool] = lambda settings: False
+    eot: bool = False
 
 
 def _eps_attack(fn: Callable[..., Any], norm: str) -> Runner:
@@ -45,18 +49,60 @@ def _eps_attack(fn: Callable[..., Any], norm: str) -> Runner:
     return run
 
 
+def _pgd_eot(norm: str) -> Runner:
+    """PGD that averages the sampler's gradients when its settings ask for eot_iter > 1; with
+    the default eot_iter = 1 it attacks logits_fn as before (the sampler is not used)."""
+
+    def run(logits_fn, x, y, *, key, value, sample_logits_fn=None, **settings):
+        if settings.get("eot_iter", 1) > 1:
+            settings["sample_logits_fn"] = sample_logits_fn
+        return pgd(logits_fn, x, y, key=key, eps=value, norm=norm, **settings).x_adv
+
+    return run
+
+
+def _autoattack_rand(norm: str) -> Runner:
+    """AutoAttack version="rand" (APGD-CE, APGD-DLR, EOT over 20 draws of the sampler)."""
+
+    def run(logits_fn, x, y, *, key, value, sample_logits_fn=None, **settings):
+        return autoattack(
+            logits_fn, x, y, key=key, eps=value, norm=norm, version="rand",
+            sample_logits_fn=sample_logits_fn, **settings,
+        ).x_adv  # fmt: skip
+
+    return run
+
+
 def _cw(logits_fn, x, y, *, key, value, **settings):
     return cw_l2(logits_fn, x, y, key=key, c=value, **settings).x_adv
 
 
 ATTACKS: dict[str, AttackSpec] = {
-    "pgd_l2": AttackSpec("PGD-L2", "l2", "white", "eps", _eps_attack(pgd, "l2")),
-    "pgd_linf": AttackSpec("PGD-Linf", "linf", "white", "eps", _eps_attack(pgd, "linf")),
+    "pgd_l2": AttackSpec("PGD-L2", "l2", "white", "eps", _pgd_eot("l2"), eot=True),
+    "pgd_linf": AttackSpec("PGD-Linf", "linf", "white", "eps", _pgd_eot("linf"), eot=True),
     "autoattack_linf": AttackSpec(
         "AutoAttack-Linf", "linf", "white", "eps", _eps_attack(autoattack, "linf"), is_reduced
     ),
     "autoattack_l2": AttackSpec(
         "AutoAttack-L2", "l2", "white", "eps", _eps_attack(autoattack, "l2"), is_reduced
+    ),
+    "autoattack_rand_linf": AttackSpec(
+        "AutoAttack-rand-Linf",
+        "linf",
+        "white",
+        "eps",
+        _autoattack_rand("linf"),
+        is_reduced_rand,
+        eot=True,
+    ),
+    "autoattack_rand_l2": AttackSpec(
+        "AutoAttack-rand-L2",
+        "l2",
+        "white",
+        "eps",
+        _autoattack_rand("l2"),
+        is_reduced_rand,
+        eot=True,
     ),
     "square_linf": AttackSpec("Square-Linf", "linf", "black", "eps", _eps_attack(square, "linf")),
     "square_l2": AttackSpec("Square-L2", "l2", "black", "eps", _eps_attack(square, "l2")),

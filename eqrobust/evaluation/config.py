@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.pgd_linf = _attack(linf, 0.5, steps=20, step_size=None, random_start=True, restarts=1)
     c.autoattack_linf = _attack(linf, 0.5, version="standard")
     c.autoattack_l2 = _attack((0.5,), 10.0, version="standard")
+    # AutoAttack's "rand" version (EOT over 20 draws of a randomised classifier's sampler).
+    c.autoattack_rand_linf = _attack(linf, 0.5, steps=100, eot_iter=20)
+    c.autoattack_rand_l2 = _attack((0.5,), 10.0, steps=100, eot_iter=20)
     c.square_linf = _attack(linf, 0.5, queries=5000, p_init=0.8)
     # The black-box counterpart of the L2 attacks (check (b) for PGD-L2 / AutoAttack-L2).
     c.square_l2 = _attack((0.07, 0.31, 0.49, 1.0), 10.0, queries=5000, p_init=0.8)

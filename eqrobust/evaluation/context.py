@@ -130,10 +130,15 @@ class Context:
 
         The attack may use another gradient path (`attack_logits_fn`, default the classifier's);
         the verdict is always the real prediction at the returned point, never the attack's flag.
+        An EOT-capable attack (`AttackSpec.eot`) on the classifier's own gradient path gets the
+        classifier's `sample_logits_fn` (randomised classifiers), when it has one.
         """
         spec = registry.get(name)
         attack_fn = attack_logits_fn or self.classifier.logits_fn
         judge = _jitted_argmax(self.classifier.logits_fn)
+        sampler = self.classifier.sample_logits_fn
+        if spec.eot and sampler is not None and attack_logits_fn is None:
+            settings = {**settings, "sample_logits_fn": sampler}
 
         def fn(xb, yb, k):
             x_adv = spec.run(attack_fn, xb, yb, key=k, value=value, **settings)
