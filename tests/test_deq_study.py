@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from eqrobust.configs import deq_study as deq_study_config
+from eqrobust.configs import study as study_config
 from eqrobust.results import wilson
 from eqrobust.results_deq import Acc, DefenseResult, DeqStudyResults, validate_deq
 
@@ -105,3 +106,14 @@ def test_smoke_deq_study_end_to_end(tmp_path):
         broken = dataclasses.replace(res.models[0], defenses=(bad,))
         with pytest.raises(ValueError):
             DeqStudyResults.from_json(dataclasses.replace(res, models=(broken,)).to_json())
+
+
+def test_config_model_keys_select_models_and_typos_raise():
+    """`cpu,ep,pgd_at` (make demo) keeps only the PGD-AT DEQ; the EP-CNN is the EP study's."""
+    c = deq_study_config.get_config("cpu,ep,pgd_at")
+    assert c.model_order == ("pgd_at",)
+    # The same training config as the EP study's EP-CNN, so the demo trains it once.
+    assert c.ep_model.to_dict() == study_config.get_config("cpu").models.ep_cnn.to_dict()
+    assert deq_study_config.get_config("cpu").model_order == ("clean", "pgd_at")
+    with pytest.raises(ValueError, match="pgd_att"):
+        deq_study_config.get_config("cpu,pgd_att")

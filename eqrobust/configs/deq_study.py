@@ -4,9 +4,10 @@ Run:
     python -m experiments.deq_study --config=experiments/configs/deq_study.py:cpu \
         --workdir=runs/deq_demo          (`make deq-demo`; report in runs/deq_demo/deq_report.md)
 
-The argument is `scale[,ep]`; `ep` adds the EP-CNN (its cpu/paper config) under the same
-intermediate attacks on its free-phase trajectory (off by default at smoke and cpu: EP training
-and attacks through its free phase cost more than the whole DEQ side at cpu scale).
+The argument is `scale[,ep][,model key...]`; `ep` adds the EP-CNN (the robustness study's
+cpu/paper EP-CNN config, so one trained EP-CNN serves both studies) under the same intermediate
+attacks on its free-phase trajectory (off by default at smoke and cpu); model keys keep only those
+DEQs. `make demo` runs `cpu,ep,pgd_at` beside the EP study, loading the EP-CNN that study trained.
 
 Every scale attacks with the DEQ papers' threat model: Linf eps 8/255, PGD-10 with step 2/255
 (also the early-state selection) and entropy reduction with the paper's T_f = 2, R = 10, 8/255,
@@ -118,19 +119,28 @@ def _models(scale: str) -> tuple[dict, tuple[str, ...]]:
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
-    """The DEQ study config for `scale[,ep]` (see the module docstring)."""
+    """The DEQ study config for `scale[,ep][,model key...]` (see the module docstring).
+
+    Model keys (e.g. `cpu,ep,pgd_at`) keep only those DEQs of the scale's list, in that order.
+    """
     parts = [p.strip() for p in str(arg).split(",") if p.strip()]
     scale = parts[0] if parts else "cpu"
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
-    if any(p != "ep" for p in parts[1:]):
-        raise ValueError(f"unknown option in {arg!r}; expected `scale[,ep]`")
+    models, order = _models(scale)
+    unknown = [p for p in parts[1:] if p != "ep" and p not in models]
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} in {arg!r}; expected `scale[,ep][,model key...]` with "
+            f"model keys {list(order)}"
+        )
+    picked = tuple(p for p in parts[1:] if p in models)
+    order = picked or order
     c = ml_collections.ConfigDict()
     c.scale = scale
     c.title = f"DEQ robustness study ({scale} scale)"
     c.seed = 0
     c.subset_seed = 0
-    models, order = _models(scale)
     c.models = ml_collections.ConfigDict(models)
     c.model_order = order
     c.num_test = {"smoke": 16, "cpu": 32, "paper": 1000}[scale]
