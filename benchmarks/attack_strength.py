@@ -36,7 +36,8 @@ _L2 = flags.DEFINE_list("l2", ["0.31", "0.49"], "PGD-L2 eps.")
 _PGD = flags.DEFINE_list(
     "pgd",
     ["20", "20b", "40", "100", "20x5", "apgd100"],
-    "PGD settings: steps[xrestarts], b = another key, apgdN = APGD-CE with N iterations",
+    "PGD settings: steps[xrestarts][/d] (step eps/d, default 8), b = another key, apgdN = "
+    "APGD-CE with N iterations",
 )
 
 
@@ -76,8 +77,20 @@ def _pgd_one(fn, x, y, eps, norm, setting, key):
         return apgd(fn, x, y, key=key, eps=eps, norm=norm, steps=int(setting[4:])).x_adv
     if setting.endswith("b"):
         key, setting = jax.random.fold_in(key, 1), setting[:-1]
+    setting, _, div = setting.partition("/")
     steps, _, restarts = setting.partition("x")
-    r = pgd(fn, x, y, key=key, eps=eps, norm=norm, steps=int(steps), restarts=int(restarts or 1))
+    ss = eps / float(div or 8)
+    r = pgd(
+        fn,
+        x,
+        y,
+        key=key,
+        eps=eps,
+        norm=norm,
+        steps=int(steps),
+        restarts=int(restarts or 1),
+        step_size=ss,
+    )
     return r.x_adv
 
 

@@ -79,6 +79,10 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.cw_l2.settings.steps = 3
         e.cw_l2.settings.binary_search_steps = 2
         e.cw_l2.num_examples = 8
+        e.cw_l2_strong.grid = (1.0,)
+        e.cw_l2_strong.large = None
+        e.cw_l2_strong.settings.steps = 3
+        e.cw_l2_strong.num_examples = 8
         e.square_linf.settings.queries = 30
         e.corruptions.names = ("gaussian_noise", "contrast")
         e.corruptions.severities = (1, 5)
@@ -110,8 +114,11 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.square_linf.settings.queries = 500
         e.cw_l2.num_examples = 50
         # The papers' C&W (10 Adam steps per constant) lands on the same point for every initial
-        # constant (Adam's first steps ignore the loss scale), so two constants show it.
+        # constant (Adam's first steps ignore the loss scale), so two constants show it. The
+        # strong C&W (fixed c, 100 Adam steps) falls with c and reaches ~0 at c = 100 (check (a)).
         e.cw_l2.grid = (0.01, 1.0)
+        e.cw_l2_strong.num_examples = 50
+        e.cw_l2_strong.grid = (0.1, 1.0)
         e.corruptions.num_examples = 500
         e.dynamics.num_examples = 50  # EP-CNN only (its free-phase analyses)
         e.dynamics.grid = (0.31, 1.0)

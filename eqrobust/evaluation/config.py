@@ -18,7 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.batch_size = 250  # examples per compiled attack call
     c.num_examples = None  # clean accuracy and default for every attack; None = full split
-    c.attacks = ("pgd_l2", "pgd_linf", "autoattack_linf", "square_linf", "cw_l2")
+    c.attacks = ("pgd_l2", "pgd_linf", "autoattack_linf", "square_linf", "cw_l2", "cw_l2_strong")
     c.progress = True
 
     def _attack(values, large, **settings):
