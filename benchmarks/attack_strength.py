@@ -33,6 +33,9 @@ _CW = flags.DEFINE_list(
 )
 _LINF = flags.DEFINE_list("linf", ["3", "8"], "PGD-Linf eps, in 1/255.")
 _L2 = flags.DEFINE_list("l2", ["0.31", "0.49"], "PGD-L2 eps.")
+_STOP = flags.DEFINE_integer(
+    "stop_at_step", None, "Load this checkpoint of an unfinished run (a copy: it resumes there)."
+)
 _PGD = flags.DEFINE_list(
     "pgd",
     ["20", "20b", "40", "100", "20x5", "apgd100"],
@@ -43,7 +46,8 @@ _PGD = flags.DEFINE_list(
 
 def _load():
     cfg = (bp_cnn if _MODEL.value == "bp" else ep_cnn).get_config("cpu")
-    trained = get_trainer(cfg.trainer)(cfg, _WORKDIR.value)
+    kw = {} if _STOP.value is None else dict(stop_at_step=_STOP.value)
+    trained = get_trainer(cfg.trainer)(cfg, _WORKDIR.value, **kw)
     ds = load_data(cfg)
     order = np.random.default_rng(0).permutation(len(ds.x_test))[: _N.value]
     return trained.classifier.logits_fn, data.to_float(ds.x_test[order]), ds.y_test[order]

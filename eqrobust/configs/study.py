@@ -79,10 +79,8 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.cw_l2.settings.steps = 3
         e.cw_l2.settings.binary_search_steps = 2
         e.cw_l2.num_examples = 8
-        e.cw_l2_strong.grid = (1.0,)
-        e.cw_l2_strong.large = None
-        e.cw_l2_strong.settings.steps = 3
-        e.cw_l2_strong.num_examples = 8
+        # The strong C&W differs only in settings (tests/test_attacks.py): not repeated here.
+        e.attacks = tuple(a for a in e.attacks if a != "cw_l2_strong")
         e.square_linf.settings.queries = 30
         e.corruptions.names = ("gaussian_noise", "contrast")
         e.corruptions.severities = (1, 5)
