@@ -316,7 +316,8 @@ def test_cw_within_5_percent_of_minimal_l2():
 def test_strong_cw_reaches_zero_at_large_c_where_the_paper_protocol_does_not():
     """The registered C&W settings on a linear model (points 0.1-0.9 from the boundary in L2):
     the papers' protocol (10 Adam steps per constant) gives the same accuracy at every c, far
-    above 0 (Adam's first steps ignore the loss scale); the strong one falls with c to 0."""
+    above 0 (Adam's first steps ignore the loss scale); the strong one falls with c to 0.
+    (On the trained cpu BP-CNN and EP-CNN too: BUILD_NOTES.md, "Strong C&W and converged PGD".)"""
     from eqrobust.attacks import registry
     from eqrobust.evaluation import default_config
 
@@ -338,7 +339,8 @@ def test_strong_cw_reaches_zero_at_large_c_where_the_paper_protocol_does_not():
     paper = [acc("cw_l2", c) for c in (0.01, 1.0, float(cfg.cw_l2.large))]
     strong = [acc("cw_l2_strong", c) for c in (0.01, 1.0, float(cfg.cw_l2_strong.large))]
     assert paper[0] == paper[-1] > 0.3, paper
-    assert strong[0] > 0.9 and strong[-1] <= cfg.health.large_max_accuracy, strong
+    assert strong[0] > strong[1] > strong[-1], strong  # falls with c
+    assert strong[0] > 0.5 and strong[-1] <= cfg.health.large_max_accuracy, strong
     assert registry.get("cw_l2_strong").headline and not registry.get("cw_l2").headline
 
 

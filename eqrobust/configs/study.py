@@ -113,7 +113,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.cw_l2.num_examples = 50
         # The papers' C&W (10 Adam steps per constant) lands on the same point for every initial
         # constant (Adam's first steps ignore the loss scale), so two constants show it. The
-        # strong C&W (fixed c, 100 Adam steps) falls with c and reaches ~0 at c = 100 (check (a)).
+        # strong C&W (fixed c, 100 Adam steps, lr 0.1) falls with c, ~0 at c = 100 (check (a)).
         e.cw_l2.grid = (0.01, 1.0)
         e.cw_l2_strong.num_examples = 50
         e.cw_l2_strong.grid = (0.1, 1.0)

@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Adam steps that accuracy falls with c and reaches ~0 at a large one (BUILD_NOTES.md,
     # "Strong C&W and converged PGD").
     c.cw_l2_strong = _attack(
-        (0.01, 0.1, 1.0, 10.0), 100.0, steps=100, lr=0.01, confidence=0.0, binary_search_steps=1
+        (0.01, 0.1, 1.0, 10.0), 100.0, steps=100, lr=0.1, confidence=0.0, binary_search_steps=1
     )
 
     c.corruptions = ml_collections.ConfigDict()
