@@ -114,6 +114,9 @@ class AttackResult:
     settings: dict[str, Any]
     large: LargeRun | None = None
     reduced: bool = False  # a budget below the attack's standard one (weaker attack)
+    # False: reported only to compare with the papers (their too-weak C&W protocol); left out of
+    # the mean robustness, its failed checks do not flag the model's headline.
+    headline: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +156,9 @@ class ConvergenceRun:
     accuracy: float
     strong_accuracy: float
     n: int
+    # Of the n examples classified correctly, the fraction whose attack-loss input gradient is
+    # exactly zero: there "more steps change nothing" means masked, not converged.
+    zero_gradient_fraction: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -313,6 +313,37 @@ def test_cw_within_5_percent_of_minimal_l2():
     assert np.all((ratio >= 1 - 1e-3) & (ratio <= 1.05)), ratio
 
 
+def test_strong_cw_reaches_zero_at_large_c_where_the_paper_protocol_does_not():
+    """The registered C&W settings on a linear model (points 0.1-0.9 from the boundary in L2):
+    the papers' protocol (10 Adam steps per constant) gives the same accuracy at every c, far
+    above 0 (Adam's first steps ignore the loss scale); the strong one falls with c to 0.
+    (On the trained cpu BP-CNN and EP-CNN too: BUILD_NOTES.md, "Strong C&W and converged PGD".)"""
+    from eqrobust.attacks import registry
+    from eqrobust.evaluation import default_config
+
+    rng = np.random.default_rng(1)
+    w = np.where(rng.uniform(size=(8, 8, 1)) < 0.5, -1.0, 1.0) / 8.0  # ||w||_2 = 1
+    y = np.arange(32) % 2
+    d = np.linspace(0.1, 0.9, 32)[rng.permutation(32)]
+    x = 0.5 + np.where(y == 1, 1.0, -1.0)[:, None, None, None] * d[:, None, None, None] * w
+    f = binary_linear(w.ravel(), -0.5 * float(np.sum(w)))  # logit w . (x - 0.5)
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+    assert np.all(np.asarray(jnp.argmax(f(x), -1)) == np.asarray(y))
+    cfg = default_config()
+
+    def acc(name, c):
+        spec = registry.get(name)
+        xa = spec.run(f, x, y, key=jax.random.key(0), value=c, **cfg[name].settings.to_dict())
+        return float(np.mean(np.asarray(jnp.argmax(f(xa), -1)) == np.asarray(y)))
+
+    paper = [acc("cw_l2", c) for c in (0.01, 1.0, float(cfg.cw_l2.large))]
+    strong = [acc("cw_l2_strong", c) for c in (0.01, 1.0, float(cfg.cw_l2_strong.large))]
+    assert paper[0] == paper[-1] > 0.3, paper
+    assert strong[0] > strong[1] > strong[-1], strong  # falls with c
+    assert strong[0] > 0.5 and strong[-1] <= cfg.health.large_max_accuracy, strong
+    assert registry.get("cw_l2_strong").headline and not registry.get("cw_l2").headline
+
+
 # ----------------------------------------------------------------------------- black box
 
 

@@ -131,7 +131,8 @@ def test_quantised_model_flags_gradient_masking():
     b = [c for c in res.health if c.id == "b"]
     assert len(b) == 1 and not b[0].passed
     assert "possible gradient masking" in b[0].message
-    assert res.cell_flags("pgd_linf", 0.4) == ["a", "b", "d"]  # (d): zero gradients, measured
+    # (c): more steps change nothing because the gradients are zero; (d): zero, measured.
+    assert res.cell_flags("pgd_linf", 0.4) == ["a", "b", "c", "d"]
     assert res.cell_flags("square_linf", 0.4) == []
 
 
@@ -314,3 +315,34 @@ def test_l2_attacks_have_a_black_box_counterpart():
     assert cmp == {("pgd_l2", e) for e in L2_EPS}
     b = [c for c in res.health if c.id == "b"]
     assert len(b) == len(L2_EPS) and all(c.passed for c in b)
+
+
+def test_paper_protocol_cw_is_left_out_of_the_headline():
+    """The papers' C&W (registered with headline=False) fails (a) but neither enters the mean
+    robustness nor replaces it with a flag; the same failure of a headline attack does."""
+    from eqrobust.evaluation.health import with_verdicts
+    from eqrobust.report import sections
+    from eqrobust.results import AttackResult, LargeRun
+
+    w = _direction()
+    x, y, _ = _linear_data(w, copies=1)
+    cfg = _config(("pgd_l2",))
+    cfg.pgd_l2.grid = (0.31,)
+    res = evaluation.evaluate_classifier(Classifier(_linear_logits(w), name="linear"), x, y, cfg)
+    paper = AttackResult(
+        "C&W-L2 (paper protocol)", "l2", "white", "c", (0.01,), (0.0,), 8, {},
+        large=LargeRun(100.0, 0.5, 8), headline=False,
+    )  # fmt: skip
+
+    def summary(name, a):
+        r = with_verdicts(dataclasses.replace(res, attacks={**res.attacks, name: a}), cfg)
+        head, rows = sections.summary_rows(StudyResults(models=(r,)))
+        return r, dict(zip(head, rows[0], strict=True))
+
+    r, row = summary("cw_l2", paper)
+    assert r.mean_robustness == res.mean_robustness
+    assert [c.id for c in r.health if not c.passed] == ["a"]
+    assert not row["Mean robustness"].startswith("⚠")
+    assert row["Failed health checks"] == "(a) C&W-L2 (paper protocol)"
+    r, row = summary("cw_l2_strong", dataclasses.replace(paper, headline=True))
+    assert row["Mean robustness"] == "⚠a" and r.mean_robustness < res.mean_robustness

@@ -11,6 +11,7 @@ import pytest
 from eqrobust import ep, evaluation
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.energy import EnergyConfig
+from eqrobust.evaluation import stages
 from eqrobust.report import sections
 from eqrobust.results import StudyResults
 
@@ -231,3 +232,31 @@ def test_unconverged_exact_deq_is_flagged_and_a_converged_one_is_not():
     xe = np.random.default_rng(1).uniform(size=(8, H, W, 1)).astype(np.float32)
     r = residual_probe(exact.residual_fn, xe)
     assert check_residual(r, 0.75, gradient_info(exact)).passed
+
+
+def test_convergence_check_fails_on_zero_gradients_and_passes_on_an_honest_model():
+    """(c) at the cpu study's PGD and convergence settings: the honest linear model converges;
+    the quantised one (gradient exactly 0) changes nothing under more steps either, and fails."""
+    from eqrobust.configs import study
+
+    cpu = study.get_config("cpu").eval
+    w = _direction()
+    x, y = _data(w)
+    c = _config()
+    c.pgd_l2.settings = cpu.pgd_l2.settings
+    c.health.more_steps_factor = cpu.health.more_steps_factor
+    c.health.more_restarts_factor = cpu.health.more_restarts_factor
+    c.health.convergence_tolerance = cpu.health.convergence_tolerance
+    c.health.convergence_attacks = c.attacks = ("pgd_l2",)  # one norm: each run compiles
+    c.pgd_l2.large = None
+    only = [s for s in stages.STAGES if s[0] in ("clean", "attacks", "convergence")]
+    verdicts = {}
+    for kind, clf in (
+        ("honest", Classifier(_linear(w), "linear")),
+        ("zero", _masked()["zero gradients"]),
+    ):
+        res = evaluation.evaluate_classifier(clf, x, y, c, stage_list=only)
+        verdicts[kind] = [(ch.passed, ch.message) for ch in res.health if ch.id == "c"]
+    assert len(verdicts["honest"]) == 1 and all(p for p, _ in verdicts["honest"]), verdicts
+    assert verdicts["zero"] and not any(p for p, _ in verdicts["zero"]), verdicts
+    assert all("ZERO loss gradients" in m for _, m in verdicts["zero"]), verdicts

@@ -97,6 +97,7 @@ def pgd(
     norm: str = "linf",
     steps: int = 20,
     step_size: float | None = None,
+    step_fraction: float = 0.125,
     random_start: bool = True,
     restarts: int = 1,
     loss: str = "ce",
@@ -121,7 +122,9 @@ def pgd(
         eps: radius of the threat model ball.
         norm: "linf" or "l2".
         steps: gradient steps per restart.
-        step_size: step length; None means eps / 8 (the EP papers' 20 steps of eps / 8).
+        step_size: step length; None means step_fraction * eps.
+        step_fraction: the step as a fraction of eps when step_size is None (default 1/8: the EP
+            papers' 20 steps of eps / 8; one setting for a whole eps grid).
         random_start: start from a random point of the ball (False reproduces the reference
             EP evaluation).
         restarts: number of runs.
@@ -147,7 +150,9 @@ def pgd(
     if loss not in ("ce", "dlr", "margin"):
         raise ValueError(f"pgd: loss must be 'ce', 'dlr' or 'margin', got {loss!r}")
     sample_fn = C.check_eot(eot_iter, sample_logits_fn, "pgd")
-    ss = eps / 8.0 if step_size is None else step_size
+    if not step_fraction > 0:
+        raise ValueError(f"pgd: step_fraction must be > 0, got {step_fraction}")
+    ss = step_fraction * eps if step_size is None else step_size
     return _pgd(
         C.as_pytree_fn(logits_fn),
         sample_fn,

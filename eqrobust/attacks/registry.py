@@ -31,6 +31,9 @@ class AttackSpec:
         eot: the runner takes `sample_logits_fn=` (x, key) -> logits, a randomised
             classifier's sampler, and attacks with EOT through it; the evaluation passes the
             classifier's `sample_logits_fn` when it has one.
+        headline: False for an attack reported only for comparison with the papers (their C&W
+            protocol, known too weak): it stays in its tables, flagged, but is left out of the
+            mean robustness, and its failed checks do not replace the model's headline numbers.
     """
 
     label: str
@@ -40,6 +43,7 @@ class AttackSpec:
     run: Runner
     is_reduced: Callable[[dict[str, Any]], bool] = lambda settings: False
     eot: bool = False
+    headline: bool = True
 
 
 def _eps_attack(fn: Callable[..., Any], norm: str) -> Runner:
@@ -106,7 +110,12 @@ ATTACKS: dict[str, AttackSpec] = {
     ),
     "square_linf": AttackSpec("Square-Linf", "linf", "black", "eps", _eps_attack(square, "linf")),
     "square_l2": AttackSpec("Square-L2", "l2", "black", "eps", _eps_attack(square, "l2")),
-    "cw_l2": AttackSpec("C&W-L2", "l2", "white", "c", _cw),
+    # The papers' C&W (ART defaults: c is the initial constant of a 10-step binary search with 10
+    # Adam steps each): too weak to reach ~0 at any c (check (a)); kept to compare with them.
+    "cw_l2": AttackSpec("C&W-L2 (paper protocol)", "l2", "white", "c", _cw, headline=False),
+    # C&W at the fixed constant c with enough Adam steps to optimise its objective: accuracy
+    # falls with c and reaches ~0 at a large one (settings in evaluation.default_config()).
+    "cw_l2_strong": AttackSpec("C&W-L2 (strong, fixed c)", "l2", "white", "c", _cw),
 }
 
 

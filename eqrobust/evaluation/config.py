@@ -18,7 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.batch_size = 250  # examples per compiled attack call
     c.num_examples = None  # clean accuracy and default for every attack; None = full split
-    c.attacks = ("pgd_l2", "pgd_linf", "autoattack_linf", "square_linf", "cw_l2")
+    c.attacks = ("pgd_l2", "pgd_linf", "autoattack_linf", "square_linf", "cw_l2", "cw_l2_strong")
     c.progress = True
 
     def _attack(values, large, **settings):
@@ -47,6 +47,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.cw_l2 = _attack(
         (0.005, 0.01, 0.1, 1.0), 100.0, steps=10, lr=0.01, confidence=0.0, binary_search_steps=10
     )
+    # C&W that optimises its objective: c is the fixed constant (one search step), with enough
+    # Adam steps that accuracy falls with c and reaches ~0 at a large one (BUILD_NOTES.md,
+    # "Strong C&W and converged PGD").
+    c.cw_l2_strong = _attack(
+        (0.01, 0.1, 1.0, 10.0), 100.0, steps=100, lr=0.1, confidence=0.0, binary_search_steps=1
+    )
 
     c.corruptions = ml_collections.ConfigDict()
     c.corruptions.enabled = True
@@ -69,6 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.health.more_restarts_factor = 5  # (c)
     c.health.convergence_tolerance = 0.01  # (c): 1 point
     c.health.convergence_attacks = ("pgd_l2", "pgd_linf")  # (c) is run for these
+    # (c) fails when the attack loss's input gradient is exactly zero on more than this fraction
+    # of the correctly classified examples (no change under more steps is then masking).
+    c.health.convergence_max_zero_gradient = 0.5
     # (d): the measured gradient check (images, random directions, finite-difference step).
     c.health.gradient_images = 8
     c.health.gradient_directions = 4

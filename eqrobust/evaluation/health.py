@@ -59,12 +59,19 @@ def check_masking(cmp: MaskingComparison, label: str, tolerance: float) -> Healt
     )
 
 
-def check_convergence(run: ConvergenceRun, label: str, tolerance: float) -> HealthCheck:
-    """(c): more iterations and restarts must not change the robust accuracy."""
+def check_convergence(
+    run: ConvergenceRun, label: str, tolerance: float, max_zero_gradient: float = 0.5
+) -> HealthCheck:
+    """(c): more iterations and restarts must not change the robust accuracy, and the attack must
+    be able to move: unchanged accuracy with zero loss gradients on more than `max_zero_gradient`
+    of the correctly classified examples is masking, not convergence."""
     # Counts, not floats: a change of exactly the tolerance must not fail by rounding.
     diff = round(run.strong_accuracy * run.n) - round(run.accuracy * run.n)
-    ok = abs(diff) <= math.floor(tolerance * run.n + 1e-9)
-    if ok:
+    zero = run.zero_gradient_fraction > max_zero_gradient
+    ok = abs(diff) <= math.floor(tolerance * run.n + 1e-9) and not zero
+    if zero:
+        verdict = "ZERO loss gradients: the attack cannot move, so more steps prove nothing"
+    elif ok:
         verdict = "converged"
     elif diff < 0:
         verdict = "not converged: the stronger attack lowers accuracy"
@@ -78,7 +85,8 @@ def check_convergence(run: ConvergenceRun, label: str, tolerance: float) -> Heal
         message=(
             f"{label} eps={run.value:.4g}: {run.steps} steps x{run.restarts} restarts "
             f"{run.accuracy:.3f} vs {run.strong_steps} steps x{run.strong_restarts} restarts "
-            f"{run.strong_accuracy:.3f} (n={run.n}): " + verdict
+            f"{run.strong_accuracy:.3f} (n={run.n}; zero gradients "
+            f"{run.zero_gradient_fraction:.0%}): " + verdict
         ),
     )
 
@@ -224,7 +232,12 @@ def health_checks(model: ModelResult, config: ml_collections.ConfigDict) -> list
         check_masking(c, label(c.attack), h.masking_tolerance) for c in model.masking_comparisons
     ]
     checks += [
-        check_convergence(r, label(r.attack), h.convergence_tolerance)
+        check_convergence(
+            r,
+            label(r.attack),
+            h.convergence_tolerance,
+            float(h.get("convergence_max_zero_gradient", 0.5)),
+        )
         for r in model.convergence_runs
     ]
     if model.gradient_probe is not None:
@@ -243,9 +256,10 @@ def health_checks(model: ModelResult, config: ml_collections.ConfigDict) -> list
 def mean_robustness(model: ModelResult) -> float | None:
     """Paper Table 1: mean robust accuracy over all attacks and strengths of the grid.
 
-    The large-eps sanity points are excluded; clean accuracy is excluded.
+    The large-eps sanity points, clean accuracy and attacks reported only for comparison
+    (`AttackResult.headline` False: the papers' C&W protocol) are excluded.
     """
-    accs = [a for res in model.attacks.values() for a in res.accuracy]
+    accs = [a for res in model.attacks.values() if res.headline for a in res.accuracy]
     return float(np.mean(accs)) if accs else None
 
 

@@ -7,6 +7,7 @@ zero gradient or a forward that draws fresh noise are found numerically.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqrobust import ops
-from eqrobust.attacks import losses
+from eqrobust.attacks import _common, losses
 from eqrobust.results import DeterminismProbe, GradientProbe, ResidualProbe
 
 Array = jax.Array
@@ -104,6 +105,23 @@ def gradient_probe(
         step=float(step),
         dtype=dtype,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("loss",))
+def _zero_loss_gradient(logits_fn, x, y, *, loss):
+    g = jax.grad(lambda xx: jnp.sum(losses.objective(loss, logits_fn(xx), y, None)))(x)
+    return jnp.all(g.reshape(x.shape[0], -1) == 0, axis=1)
+
+
+def zero_gradient_mask(
+    logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *, loss: str = "ce", batch_size: int = 250
+) -> np.ndarray:
+    """[N] bool: the input gradient of an attack's loss ("ce", "dlr", "margin") is exactly zero
+    at x [N, H, W, C] (check (c): an attack that cannot move has "converged" trivially)."""
+    fn = _common.as_pytree_fn(logits_fn)
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+    step = lambda xb, yb: _zero_loss_gradient(fn, xb, yb, loss=loss)
+    return np.asarray(ops.run_chunked(step, x, y, batch_size=batch_size), bool)
 
 
 def determinism_probe(logits_fn: LogitsFn, x: np.ndarray, *, calls: int = 3) -> DeterminismProbe:

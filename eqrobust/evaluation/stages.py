@@ -15,7 +15,12 @@ from eqrobust import corruptions as corruptions_lib
 from eqrobust import ops
 from eqrobust.attacks import _common, registry
 from eqrobust.evaluation.context import Context, gradient_info, predict
-from eqrobust.evaluation.probes import determinism_probe, gradient_probe, residual_probe
+from eqrobust.evaluation.probes import (
+    determinism_probe,
+    gradient_probe,
+    residual_probe,
+    zero_gradient_mask,
+)
 from eqrobust.results import (
     Accuracy,
     AttackDepth,
@@ -92,6 +97,7 @@ def _attack_one(ctx: Context, a_i: int, name: str) -> AttackResult:
         settings=settings,
         large=large,
         reduced=bool(spec.is_reduced(settings)),
+        headline=spec.headline,
     )
 
 
@@ -222,6 +228,19 @@ def convergence(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
         corr = ctx.robust_correct(
             name, value, strong, nh, key=jax.random.fold_in(ctx.key, _CONVERGENCE_KEY + p_i)
         )
+        # Zero gradients make "more steps change nothing" trivially true: measure them.
+        idx = np.flatnonzero(ctx.clean_correct[:nh])
+        zero = (
+            zero_gradient_mask(
+                ctx.classifier.logits_fn,
+                ctx.x[idx],
+                ctx.y[idx],
+                loss=str(strong.get("loss", "ce")),
+                batch_size=ctx.batch_size,
+            )
+            if len(idx)
+            else np.zeros(0, bool)
+        )
         runs.append(
             ConvergenceRun(
                 attack=name,
@@ -233,6 +252,7 @@ def convergence(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
                 accuracy=float(base[:nh].mean()),
                 strong_accuracy=float(corr.mean()),
                 n=nh,
+                zero_gradient_fraction=float(zero.mean()) if len(zero) else 0.0,
             )
         )
     return dict(convergence_runs=tuple(runs))
