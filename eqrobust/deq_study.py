@@ -248,20 +248,22 @@ def _gradient_checks(
     if gc is None or int(gc.images) < 1 or not paths:
         return d
     n = int(gc.images)
-    idx = np.flatnonzero(_correct(predict, s.x, s.y))[:n]
+    idx = np.flatnonzero(_correct(predict, s.x, s.y))[:n]  # compiled by the attacks already
     if len(idx) == 0:  # nothing classified correctly: probe the first examples anyway
         idx = np.arange(min(n, len(s.x)))
     skip = set(gc.skip)
     run = {k: fn for k, (_, fn) in paths.items() if fn is not None and k not in skip}
-    probes = gradient_path_probes(
-        predict,
-        run,
-        np.asarray(s.x)[idx],
-        np.asarray(s.y)[idx],
-        key=jax.random.fold_in(s.key, 300),
-        directions=int(gc.directions),
-        step=float(gc.step),
-    )
+    probes = {}
+    if run:  # every path skipped: not even the prediction's finite differences
+        probes = gradient_path_probes(
+            predict,
+            run,
+            np.asarray(s.x)[idx],
+            np.asarray(s.y)[idx],
+            key=jax.random.fold_in(s.key, 300),
+            directions=int(gc.directions),
+            step=float(gc.step),
+        )
     h = ml_collections.ConfigDict(
         dict(
             gradient_min_correlation=float(gc.min_correlation),
