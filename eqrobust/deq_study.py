@@ -29,8 +29,10 @@ from eqrobust import defenses as D
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import autoattack, pgd, square
 from eqrobust.attacks import intermediate as I
-from eqrobust.classifier import Dynamics
+from eqrobust.classifier import Classifier, Dynamics
 from eqrobust.ep import ep_dynamics
+from eqrobust.evaluation.health import check_gradient_probe
+from eqrobust.evaluation.probes import gradient_path_probes
 from eqrobust.models.deq import DEQNet, deq_dynamics
 from eqrobust.profiling import compile_seconds
 from eqrobust.report import deq as deq_report
@@ -42,6 +44,7 @@ from eqrobust.results_deq import (
     DeqStudyResults,
     DynamicsAnalysis,
     EpResult,
+    GradientCheck,
     GridSummary,
 )
 from eqrobust.train import Trained, get_trainer
@@ -192,6 +195,104 @@ def _transfer(predict: Callable, x_adv: dict[str, np.ndarray], s: _Setup) -> dic
     return {k: _correct(predict, jnp.asarray(v), s.y) for k, v in x_adv.items()}
 
 
+def _defense_fns(
+    name: str, model: DEQNet, er_cfg: D.EntropyReduction, early_index: int
+) -> tuple[Classifier, Callable]:
+    """(the defence's Classifier, its prediction: the logits_fn without gradient for entropy
+    reduction, the classifier's own otherwise)."""
+    if name == "early":
+        clf = D.early_state(model, early_index)
+    elif name == "ensemble":
+        clf = D.ensemble_state(model)
+    elif name == "entropy":
+        clf = D.entropy_reduction(model, er_cfg, mode="phantom")
+    else:
+        raise ValueError(f"unknown defence {name!r}; expected one of {DEFENSES}")
+    predict = D.entropy_reduction_logits_fn(model, er_cfg) if name == "entropy" else clf.logits_fn
+    return clf, predict
+
+
+ER_PATHS = {
+    "phantom": "purified input as a constant (BPDA) + the model's phantom gradient",
+    "full": "BPTT through the purification and every solver step",
+    "bpda": "BPDA through the purification, BPTT through the solver",
+}
+
+
+def _gradient_paths(
+    d: DefenseResult, dyn: Dynamics, own: Classifier, model: DEQNet, s: _Setup
+) -> dict[str, tuple[str, Callable | None]]:
+    """{attack: (its gradient path in words, a logits function whose VJP is that path, or None
+    where none can be formed)} for the white-box attacks run on defence row d; `own` is the
+    defence's classifier (its logits_fn carries the defence's own gradient)."""
+    a, paths = s.a, {}
+    for att in d.attacks:
+        if (att == "pgd" and d.name == "final") or (att == "adaptive" and d.name != "entropy"):
+            paths[att] = (f"own: {own.gradient}", own.logits_fn)
+        elif att == "intermediate" and d.grid is not None:
+            i, k, lam = d.grid.strongest_state, d.grid.strongest_unroll, d.grid.strongest_lam
+            fn = I.surrogate_path(dyn, states=i, unroll=k, lam=lam)
+            paths[att] = (f"intermediate z_{i}, K={k}, lam={lam:g} (strongest cell)", fn)
+        elif att == "ensemble":
+            paths[att] = ("gradient ensemble over every z_i, K=1, lam=0.5", I.surrogate_path(dyn))
+        elif att == "autoattack":
+            aa = a.autoattack
+            i, k, lam = int(aa.state), int(aa.unroll), float(aa.lam)
+            fn = I.surrogate_path(dyn, states=i, unroll=k, lam=lam)
+            paths[att] = (f"intermediate z_{i}, K={k}, lam={lam:g}", fn)
+        elif att == "adjoint":
+            paths[att] = ("simultaneous adjoint, sum over n", None)
+        elif att in ER_PATHS and d.name == "entropy":
+            er_cfg = D.EntropyReduction(**dict(a.entropy_reduction))
+            paths[att] = (ER_PATHS[att], D.entropy_reduction_logits_fn(model, er_cfg, mode=att))
+    return paths
+
+
+def _gradient_checks(
+    d: DefenseResult, predict: Callable, paths: dict[str, tuple[str, Callable | None]], s: _Setup
+) -> DefenseResult:
+    """Row d with check (d) of each gradient path (config attack.gradient_check)."""
+    gc = s.a.get("gradient_check", None)
+    if gc is None or int(gc.images) < 1 or not paths:
+        return d
+    n = int(gc.images)
+    idx = np.flatnonzero(_correct(predict, s.x, s.y))[:n]  # compiled by the attacks already
+    if len(idx) == 0:  # nothing classified correctly: probe the first examples anyway
+        idx = np.arange(min(n, len(s.x)))
+    skip = set(gc.skip)
+    run = {k: fn for k, (_, fn) in paths.items() if fn is not None and k not in skip}
+    probes = {}
+    if run:  # every path skipped: not even the prediction's finite differences
+        probes = gradient_path_probes(
+            predict,
+            run,
+            np.asarray(s.x)[idx],
+            np.asarray(s.y)[idx],
+            key=jax.random.fold_in(s.key, 300),
+            directions=int(gc.directions),
+            step=float(gc.step),
+        )
+    h = ml_collections.ConfigDict(
+        dict(
+            gradient_min_correlation=float(gc.min_correlation),
+            gradient_max_relative_error=float(gc.max_relative_error),
+            gradient_max_zero_fraction=float(gc.max_zero_fraction),
+        )
+    )
+    checks = {}
+    for k, (desc, fn) in paths.items():
+        if k in probes:
+            hc = check_gradient_probe(probes[k], h)
+            verdict = hc.message.rpartition(": ")[2]
+            checks[k] = GradientCheck(desc, probes[k], hc.passed, verdict)
+        elif fn is None:
+            note = "not checked: its loss (CE of every state) is built into the forward recursion"
+            checks[k] = GradientCheck(desc, note=note)
+        else:
+            checks[k] = GradientCheck(desc, note="not checked at this scale (gradient_check.skip)")
+    return dataclasses.replace(d, gradient_checks=checks)
+
+
 def _attack_defense(
     name: str,
     model: DEQNet,
@@ -205,15 +306,7 @@ def _attack_defense(
 ) -> DefenseResult:
     """One defence: transfer of the final-DEQ attacks, attacks judged on it, adaptive, Square."""
     er_cfg = D.EntropyReduction(**dict(s.a.entropy_reduction))
-    if name == "early":
-        clf = D.early_state(model, early_index)
-    elif name == "ensemble":
-        clf = D.ensemble_state(model)
-    elif name == "entropy":
-        clf = D.entropy_reduction(model, er_cfg, mode="phantom")
-    else:
-        raise ValueError(f"unknown defence {name!r}; expected one of {DEFENSES}")
-    predict = D.entropy_reduction_logits_fn(model, er_cfg) if name == "entropy" else clf.logits_fn
+    clf, predict = _defense_fns(name, model, er_cfg, early_index)
     clean_ok = _correct(predict, s.x, s.y)
     tr = _transfer(predict, x_adv_final, s)
     robust: dict[str, np.ndarray] = {}
@@ -305,6 +398,11 @@ def _evaluate_model(
     t0 = time.perf_counter()
     final_res, x_adv = _attack_final(dyn, final, s, attacks, bar, timing)
     timing["attacks on the final state"] = time.perf_counter() - t0
+    bar.set_postfix_str("gradient checks (d)")
+    t0 = time.perf_counter()
+    paths = _gradient_paths(final_res, dyn, trained.classifier, model, s)
+    final_res = _gradient_checks(final_res, final, paths, s)
+    timing["gradient checks (d)"] = time.perf_counter() - t0
     bar.update()
     t0 = time.perf_counter()
     bar.set_postfix_str("early-state selection")
@@ -316,8 +414,15 @@ def _evaluate_model(
     for name in defenses:
         t0 = time.perf_counter()
         att = tuple(config.defense_attacks[name])
-        results.append(_attack_defense(name, model, dyn, x_adv, s, att, bar, sel.index, timing))
+        res = _attack_defense(name, model, dyn, x_adv, s, att, bar, sel.index, timing)
         timing[f"defence {name}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bar.set_postfix_str(f"{name}: gradient checks (d)")
+        er_cfg = D.EntropyReduction(**dict(s.a.entropy_reduction))
+        clf, predict = _defense_fns(name, model, er_cfg, sel.index)
+        res = _gradient_checks(res, predict, _gradient_paths(res, dyn, clf, model, s), s)
+        timing["gradient checks (d)"] += time.perf_counter() - t0
+        results.append(res)
         bar.update()
     t0 = time.perf_counter()
     dynamics = _dynamics(dyn, s, x_adv, "pgd")

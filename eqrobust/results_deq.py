@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from eqrobust.results import from_json, to_json, wilson
+from eqrobust.results import GradientProbe, from_json, to_json, wilson
 
 # The summary table's columns, in order (DefenseResult.attacks keys plus clean and ALL).
 TABLE_COLUMNS = (
@@ -24,6 +24,9 @@ TABLE_COLUMNS = (
 # Attacks whose per-example result is a worst case over other entries (excluded from "ALL"'s
 # argmin naming, included in it by construction).
 COMPOSITE_ATTACKS = ("adaptive", "transfer")
+# Gradient paths behind a composite column: entropy reduction's "adaptive" is the worst case of
+# its variants; "all" is flagged when no checked gradient of the defence passed (d).
+COMPOSITE_PARTS = {"adaptive": ("phantom", "full", "bpda"), "all": "*"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,27 @@ class GridSummary:
 
 
 @dataclasses.dataclass(frozen=True)
+class GradientCheck:
+    """Check (d) of one white-box attack's gradient path on one defence.
+
+    The attack's input gradient of the true-class margin (the prediction's margin cotangent
+    pulled back through the attack's gradient path) against central finite differences of the
+    defence's prediction, in float64 (`eqrobust.evaluation.probes.gradient_path_probe`).
+
+    Attributes:
+        gradient: the path, e.g. "own (phantom, 2 steps)", "BPTT through z_1..z_3".
+        probe: the measurement; None when the path was not checked.
+        passed: the check's verdict; None when not checked.
+        note: why not checked, or the verdict in words.
+    """
+
+    gradient: str
+    probe: GradientProbe | None = None
+    passed: bool | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class DefenseResult:
     """One defence of one DEQ: clean accuracy, each attack, and the per-example worst case.
 
@@ -82,6 +106,8 @@ class DefenseResult:
         worst_attack: the single attack of lowest accuracy.
         grid: the intermediate grid judged on this defence (when run).
         note: e.g. the selected early state.
+        gradient_checks: {attack: check (d) of its gradient path}, for the white-box attacks
+            run on this defence (keys of `attacks`; transfer and Square have none).
     """
 
     name: str
@@ -91,6 +117,20 @@ class DefenseResult:
     worst_attack: str
     grid: GridSummary | None = None
     note: str = ""
+    gradient_checks: dict[str, GradientCheck] = dataclasses.field(default_factory=dict)
+
+    def gradient_flag(self, attack: str) -> bool:
+        """True when the number of `attack` comes from a gradient that failed check (d): its
+        own check failed, or (a composite: "adaptive", "all") every gradient path behind it was
+        checked and failed (one unchecked path leaves it unflagged: unknown)."""
+        checks = self.gradient_checks
+        if attack in checks:
+            return checks[attack].passed is False
+        parts = COMPOSITE_PARTS.get(attack)
+        if parts is None:
+            return False
+        done = [c.passed for k, c in checks.items() if (parts == "*" or k in parts)]
+        return bool(done) and all(p is False for p in done)
 
 
 @dataclasses.dataclass(frozen=True)

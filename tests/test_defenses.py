@@ -8,6 +8,14 @@ from flax import nnx
 
 from eqrobust import defenses as D
 from eqrobust.attacks import _common as C
+from eqrobust.evaluation import default_config
+from eqrobust.evaluation.health import check_gradient_probe
+from eqrobust.evaluation.probes import (
+    gradient_path_probe,
+    gradient_path_probes,
+    gradient_probe,
+    prediction_with_gradient,
+)
 from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier
 
 
@@ -171,3 +179,44 @@ def test_adaptive_attack_is_at_least_as_strong_as_transfer():
     assert acc["transfer"] < 1.0  # the smoke model is attackable at all
     assert acc["full"] <= acc["transfer"]
     assert acc["worst"] <= min(acc["full"], acc["transfer"])
+
+
+def test_gradient_path_check_flags_a_defence_attacked_through_another_function():
+    """Check (d) of the DEQ study: a defence (early state z_3) attacked with its own BPTT gradient
+    passes; attacked through the gradient of another function (the readout of z_1, the DEQ's
+    phantom gradient) it is flagged, although every forward value is the defence's prediction."""
+    m = _model(max_iter=3, branches=1, grad=2)
+    x = _x(3, seed=2)
+    early = D.early_state(m, 3).logits_fn
+    y = jnp.asarray([0, 1, 2])  # any labels: the margin is smooth away from ties
+    paths = {
+        "own": early,
+        "z_1": D.early_state(m, 1).logits_fn,  # the same compiled program (index is traced)
+        "phantom": deq_classifier(m).logits_fn,
+    }
+    probes = gradient_path_probes(early, paths, x, y, key=jax.random.PRNGKey(0), directions=2)
+    h = default_config().health
+    passed = {k: check_gradient_probe(p, h).passed for k, p in probes.items()}
+    assert passed == {"own": True, "z_1": False, "phantom": False}, probes
+    assert probes["own"].correlation > 0.999 and probes["own"].relative_error < 1e-4
+    assert probes["own"].dtype == "float64" and probes["own"].n == 3
+
+
+def test_prediction_with_gradient_is_the_prediction_forward_and_the_path_backward(x64):
+    w1, w2 = (jax.random.normal(jax.random.PRNGKey(i), (12, 3), jnp.float64) for i in (1, 2))
+    predict = jax.tree_util.Partial(lambda w, x: jnp.tanh(x.reshape(x.shape[0], -1) @ w), w1)
+    other = jax.tree_util.Partial(lambda w, x: x.reshape(x.shape[0], -1) @ w, w2)
+    x = jax.random.uniform(jax.random.PRNGKey(3), (4, 2, 2, 3), jnp.float64)
+    st = prediction_with_gradient(predict, other)
+    np.testing.assert_array_equal(st(x), predict(x))
+    ct = jax.random.normal(jax.random.PRNGKey(4), (4, 3), jnp.float64)
+    np.testing.assert_allclose(jax.vjp(st, x)[1](ct)[0], jax.vjp(other, x)[1](ct)[0], rtol=1e-12)
+    # the split probe measures what the generic probe measures on the straight-through function
+    key = jax.random.PRNGKey(5)
+    y = jnp.asarray([0, 1, 2, 0])
+    for grad in (predict, other):
+        split = gradient_path_probe(predict, grad, x, y, key=key, directions=3)
+        whole = gradient_probe(prediction_with_gradient(predict, grad), x, y, key=key, directions=3)
+        assert split.correlation == pytest.approx(whole.correlation, abs=1e-9)
+        assert split.relative_error == pytest.approx(whole.relative_error, abs=1e-9)
+    assert gradient_path_probe(predict, predict, x, y, key=key).correlation > 0.9999

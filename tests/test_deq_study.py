@@ -11,8 +11,17 @@ import pytest
 
 from eqrobust.configs import deq_study as deq_study_config
 from eqrobust.configs import study as study_config
-from eqrobust.results import wilson
-from eqrobust.results_deq import Acc, DefenseResult, DeqStudyResults, validate_deq
+from eqrobust.report.deq import summary_table, write_deq_report
+from eqrobust.results import GradientProbe, wilson
+from eqrobust.results_deq import (
+    Acc,
+    DefenseResult,
+    DeqModelResult,
+    DeqStudyResults,
+    DynamicsAnalysis,
+    GradientCheck,
+    validate_deq,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +45,52 @@ def test_validation_rejects_attack_above_clean_or_all_above_attack(clean, attack
     model = type("M", (), {"name": "m", "defenses": (d,)})()
     with pytest.raises(ValueError, match="not in \\[ALL, clean\\]"):
         validate_deq(type("R", (), {"models": (model,)})())
+
+
+def _check(passed: bool | None) -> GradientCheck:
+    if passed is None:
+        return GradientCheck("adjoint", note="not checked")
+    corr = 1.0 if passed else 0.2
+    probe = GradientProbe(corr, 0.0 if passed else 0.8, 0.0, 0.0, 1e-3, 2, 2, 1e-5)
+    return GradientCheck("path", probe, passed, "")
+
+
+def test_gradient_checks_round_trip_and_mark_the_report(tmp_path):
+    acc = lambda v: Acc(v, 10, *wilson(v, 10))
+    final = DefenseResult(
+        "final", acc(0.8), {"pgd": acc(0.5), "adjoint": acc(0.6)}, acc(0.4), "pgd",
+        gradient_checks={"pgd": _check(False), "adjoint": _check(None)},
+    )  # fmt: skip
+    early = DefenseResult(
+        "early", acc(0.8), {"adaptive": acc(0.3), "transfer": acc(0.6)}, acc(0.3), "adaptive",
+        gradient_checks={"adaptive": _check(True)},
+    )  # fmt: skip
+    entropy = DefenseResult(
+        "entropy", acc(0.8), {"phantom": acc(0.7), "full": acc(0.6), "adaptive": acc(0.6)},
+        acc(0.6), "full", gradient_checks={"phantom": _check(False), "full": _check(False)},
+    )  # fmt: skip
+    assert final.gradient_flag("pgd") and not final.gradient_flag("adjoint")
+    assert not final.gradient_flag("all")  # the adjoint was not checked: unknown
+    assert not early.gradient_flag("adaptive") and not early.gradient_flag("all")
+    assert entropy.gradient_flag("adaptive") and entropy.gradient_flag("all")
+    dyn = DynamicsAnalysis(
+        2, (0.1, 0.01), (0.1, 0.02), (1.0, 0.5), (1.0, 0.6), ("clean",), ((0.8, 0.8),)
+    )
+    model = DeqModelResult(
+        "clean", "DEQ", 2, 1, (0.5, 0.4), (0.8, 0.8), (final, early, entropy), dyn, {}
+    )
+    meta = {"attack": {"gradient_check": {"images": 2, "directions": 2, "skip": ["bpda"]}}}
+    res = DeqStudyResults((model,), None, meta)
+    js = json.loads(json.dumps(res.to_json()))
+    back = DeqStudyResults.from_json(js)
+    assert (
+        back == res and back.models[0].defenses[0].gradient_checks["pgd"].probe.correlation == 0.2
+    )
+    table = summary_table(res)
+    assert f"{acc(0.5)} ⚠d" in table and f"{acc(0.3)} ⚠d" not in table
+    write_deq_report(res, str(tmp_path))
+    report = open(tmp_path / "deq_report.md").read()
+    assert "## Gradient paths: check (d)" in report and "**FAIL**" in report and "bpda" in report
 
 
 @pytest.mark.slow  # ~4 min on the loaded 2-core machine (compilations dominate)
@@ -70,6 +125,7 @@ def test_smoke_deq_study_end_to_end(tmp_path):
     report = open(os.path.join(workdir, "deq_report.md")).read()
     assert "| Model | Defence | Clean | PGD (final) |" in report
     assert "AA (interm.): AutoAttack" in report and "reduced budget" in report
+    assert "## Gradient paths: check (d)" in report and " ⚠d" in report
     for m in res.models:
         n_states = config.models[m.key].model.f_max_iter
         assert m.num_states == n_states and 1 <= m.early_index <= n_states
@@ -85,6 +141,13 @@ def test_smoke_deq_study_end_to_end(tmp_path):
             expected |= set(config.defense_attacks.get(d.name, ()))
             assert expected <= set(d.attacks), (d.name, sorted(d.attacks))
             assert f"| {m.name} | " in report
+        # check (d): the phantom gradient is not the derivative of the Broyden prediction; the
+        # early and ensemble states' BPTT gradients are (their own, exact)
+        checks = {d.name: d.gradient_checks for d in m.defenses}
+        assert checks["final"]["pgd"].passed is False, checks["final"]["pgd"]
+        assert checks["early"]["adaptive"].passed is True, checks["early"]["adaptive"]
+        assert checks["ensemble"]["adaptive"].passed is True, checks["ensemble"]["adaptive"]
+        assert checks["final"]["pgd"].probe.dtype == "float64"
         g = m.defenses[0].grid
         assert g is not None and g.strongest_state in g.states
         assert len(g.cell_accuracy) == len(g.states) * len(g.unrolls) * len(g.lams)

@@ -310,6 +310,43 @@ def _surrogate_fn(unroll: int) -> Callable:
     return functools.partial(_surrogate_logits, unroll=unroll)
 
 
+def _readout_sum(dyn: Dynamics, idxs: jax.Array, lam: jax.Array, x: jax.Array, *, unroll: int):
+    """Sum over idxs of the unrolled readout from the detached z_{idx+1}(x): [B, K]."""
+    zs = dyn.trajectory(x)
+    per = jax.vmap(lambda i: _unrolled_readout(dyn, _state(zs, i), x, unroll, lam))(idxs)
+    return jnp.sum(per, axis=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _path_fn(unroll: int) -> Callable:
+    return functools.partial(_readout_sum, unroll=unroll)
+
+
+def surrogate_path(
+    dyn: Dynamics, *, states: int | Sequence[int] | None = None, unroll: int = 1, lam: float = 0.5
+) -> Callable[[jax.Array], jax.Array]:
+    """The intermediate attacks' gradient path as a logits function (for check (d)).
+
+    x -> sum over the states i of readout(z) with z = f(z_i, a(x)) and K damped steps, z_i the
+    detached i-th solver iterate of x. Its VJP at a cotangent c is sum_i J_i(x)^T c: for one
+    state the backward of `intermediate_surrogate` (and of a grid cell's PGD), for all states
+    (K = 1) that of `gradient_ensemble_pgd`. Its value is not a prediction; pair it with one
+    (`eqrobust.evaluation.probes.prediction_with_gradient`).
+
+    Args:
+        dyn: the model's Dynamics.
+        states: i in 1..N, or a sequence of them (None: all).
+        unroll: K >= 1; lam: damping in (0, 1].
+
+    Returns:
+        a `jax.tree_util.Partial`, x [B, H, W, C] -> [B, K].
+    """
+    dyn = _canon(dyn)
+    _check_unroll(unroll, lam, "surrogate_path")
+    idxs = jnp.asarray(_states(states, dyn.num_states, "surrogate_path"), jnp.int32) - 1
+    return Partial(_path_fn(unroll), dyn, idxs, jnp.asarray(lam))
+
+
 # ----------------------------------------------------------------------------- PGD core
 
 

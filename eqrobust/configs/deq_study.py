@@ -78,6 +78,25 @@ def _attack(scale: str) -> ml_collections.ConfigDict:
     # Entropy reduction's adaptive attacks ("adaptive" is their per-example worst case): purified
     # input as a constant with the phantom gradient (the papers' protocol), full BPTT, BPDA.
     a.er_adaptive = ("phantom", "full", "bpda")
+    # Check (d) per defence and white-box attack gradient (report section "Gradient paths"):
+    # the attack's gradient path vs central differences (step, float64) of the defence's
+    # prediction on `images` correctly classified test images x `directions`; thresholds as the
+    # evaluation suite's (d). `skip`: attack keys left unchecked (stated in the report); each
+    # checked path costs one float64 compilation (~5-20 s here), so below paper scale only the
+    # own gradients of the final, early and ensemble rows are checked (the surrogates differ by
+    # design; entropy reduction's float64 forward alone took 140 s CPU at cpu scale).
+    surrogates = ("intermediate", "ensemble", "autoattack")
+    a.gradient_check = ml_collections.ConfigDict(
+        dict(
+            images={"smoke": 2, "cpu": 4, "paper": 8}[scale],
+            directions={"smoke": 2, "cpu": 2, "paper": 4}[scale],
+            step=1e-5,
+            min_correlation=0.95,
+            max_relative_error=0.1,
+            max_zero_fraction=0.5,
+            skip=() if scale == "paper" else (*surrogates, "phantom", "full", "bpda"),
+        )
+    )
     # EP-CNN: the grid over these free-phase states (None: all T, costly for T ~ 60).
     a.ep_grid_states = ml_collections.config_dict.placeholder(tuple)
     if scale == "cpu":

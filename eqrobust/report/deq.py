@@ -37,13 +37,19 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
 
 
+def _flag(d: Any, col: str) -> str:
+    """The mark " ⚠d" when the column's number comes from a gradient that failed check (d)."""
+    flag = getattr(d, "gradient_flag", None)
+    return " ⚠d" if flag is not None and flag(col) else ""
+
+
 def _cell(d: Any, col: str) -> str:
     if col == "clean":
         return str(d.clean)
     if col == "all":
-        return f"**{d.all}**"
+        return f"**{d.all}**{_flag(d, col)}"
     a = d.attacks.get(col)
-    return "—" if a is None else str(a)
+    return "—" if a is None else f"{a}{_flag(d, col)}"
 
 
 def summary_table(results: DeqStudyResults) -> str:
@@ -146,7 +152,7 @@ def _detail_lines(results: DeqStudyResults) -> list[str]:
         rows = []
         for d in m.defenses:
             for k, a in d.attacks.items():
-                rows.append([DEFENSE_NAMES.get(d.name, d.name), k, str(a)])
+                rows.append([DEFENSE_NAMES.get(d.name, d.name), k, f"{a}{_flag(d, k)}"])
             rows.append(
                 [DEFENSE_NAMES.get(d.name, d.name), f"ALL (worst: {d.worst_attack})", str(d.all)]
             )
@@ -154,6 +160,81 @@ def _detail_lines(results: DeqStudyResults) -> list[str]:
         lines += [f"### {m.name}", "", f"Early state z_{m.early_index}; {notes}", ""]
         lines += [md_table(["Defence", "attack", "accuracy [95 % CI]"], rows), ""]
     return lines
+
+
+def _gradient_lines(results: DeqStudyResults) -> list[str]:
+    """Check (d) per defence and white-box attack gradient: explanation and table."""
+    rows = []
+    for m in results.models:
+        for d in m.defenses:
+            for k, c in getattr(d, "gradient_checks", {}).items():
+                p = c.probe
+                nums = (
+                    ["—"] * 3
+                    if p is None
+                    else [
+                        f"{p.correlation:.3f}",
+                        f"{p.relative_error:.3f}",
+                        f"{p.zero_gradient_fraction:.0%}",
+                    ]
+                )
+                verdict = "—" if c.passed is None else ("pass" if c.passed else "**FAIL**")
+                note = c.note if p is None else ""
+                rows.append(
+                    [
+                        m.name,
+                        DEFENSE_NAMES.get(d.name, d.name),
+                        k,
+                        c.gradient,
+                        *nums,
+                        verdict + (f" ({note})" if note else ""),
+                    ]
+                )
+    if not rows:
+        return []
+    gc = results.meta.get("attack", {}).get("gradient_check", {})
+    skip = list(gc.get("skip", ()))
+    header = [
+        "Model",
+        "Defence",
+        "attack",
+        "gradient path",
+        "correlation",
+        "median rel. error",
+        "zero grad",
+        "(d)",
+    ]
+    return [
+        "## Gradient paths: check (d) per defence and attack",
+        "",
+        "A white-box attack on a defence steps along a gradient path that need not be the "
+        "derivative of the prediction it is judged on: a phantom gradient, the purified input "
+        "held constant, BPDA, an intermediate surrogate. Check (d) measures it on "
+        f"{gc.get('images')} correctly classified test images x {gc.get('directions')} random "
+        "unit directions: the path's input gradient of the prediction's true-class margin (the "
+        "margin's cotangent at the prediction pulled back through the path, straight-through) "
+        f"against central differences (h = {gc.get('step')}) of the defence's prediction, in "
+        f"float64. It fails at correlation < {gc.get('min_correlation')}, median relative "
+        f"error > {gc.get('max_relative_error')} or zero gradients on more than "
+        f"{gc.get('max_zero_fraction', 0.5):.0%} of the images. In the summary, ⚠d marks a "
+        "number whose attack gradient failed: it is an upper bound from a gradient that is not "
+        "the prediction's; on entropy reduction's adaptive column and on ALL, ⚠d means that "
+        "every gradient behind it was checked and failed. The intermediate, ensemble and AA "
+        "paths differ from the prediction's derivative by design (they are surrogates); a "
+        "failing *own* gradient "
+        "(PGD on the final state, adaptive) means the white-box attack of that row did not "
+        "follow the prediction. Not checked: transfer and Square (no gradient of the defence), "
+        "the adjoint (its loss is built into the forward recursion)"
+        + (
+            f", and at this scale {', '.join(skip)} (config attack.gradient_check.skip)"
+            if skip
+            else ""
+        )
+        + ".",
+        "",
+        md_table(header, rows),
+        "",
+    ]
 
 
 def _ep_lines(results: DeqStudyResults) -> list[str]:
@@ -220,6 +301,7 @@ def write_deq_report(results: DeqStudyResults, out_dir: str) -> dict[str, str]:
         "phantom / full / BPDA); transfer: worst over the undefended DEQ's x_adv.",
         "",
     ]
+    lines += _gradient_lines(results)
     lines += _grid_lines(results) + _detail_lines(results) + _ep_lines(results)
     lines += [
         "## Along the dynamics",
