@@ -1,9 +1,8 @@
 # The two commands of eqrobust (see README.md):
-#   make demo   set up .venv, get Fashion-MNIST, run the EP and DEQ robustness studies at cpu scale
-#               -> runs/demo/report.md and runs/demo/deq/deq_report.md
+#   make demo   set up .venv, get Fashion-MNIST, run the robustness study at cpu scale -> runs/demo/
 #   make test   set up .venv with the test extra, run pytest and ruff
-# Extras: make bench (side-by-side PyTorch benchmarks), make bench-gpu (the paper-scale GPU
-# table; run it on a GPU machine), make clean.
+# Extras: make deq-demo (the DEQ study at cpu scale), make bench (side-by-side PyTorch
+# benchmarks), make bench-gpu (the paper-scale GPU table; run it on a GPU machine), make clean.
 
 PYTHON ?= python3
 VENV := .venv
@@ -27,23 +26,14 @@ data:
 	else echo "No apt-get: put the Fashion-MNIST IDX files in a folder and pass --data_dir" \
 	  "(see README); tests that need the real data are skipped."; fi
 
-# The EP study and the DEQ study run side by side (2 cores: one process's single-threaded XLA
-# compilations overlap the other's computation). The DEQ study evaluates the EP-CNN last and
-# loads the one the EP study trained (same config; the workdir lock makes it wait if needed).
-# Of the cpu DEQ study it runs the PGD-AT DEQ only (`make deq-demo` runs both DEQs).
 demo: $(VENV)/.installed data
-	@mkdir -p runs/demo/deq
-	@echo "DEQ study running alongside; progress in runs/demo/deq/deq_study.log"
-	@$(PY) -m experiments.deq_study --config=experiments/configs/deq_study.py:cpu,ep,pgd_at \
-	  --workdir=runs/demo/deq --config.ep_workdir=runs/demo/ep_cnn \
-	  > runs/demo/deq/deq_study.log 2>&1 & deq=$$!; \
-	$(PY) -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo; \
-	ep=$$?; echo "EP study done (rc $$ep); waiting for the DEQ study"; wait $$deq; dq=$$?; \
-	tail -n 20 runs/demo/deq/deq_study.log; test $$ep -eq 0 && test $$dq -eq 0
+	$(PY) -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
 
-# The DEQ robustness study at cpu scale (issue 12) -> runs/deq_demo/deq_report.md
+# The DEQ robustness study at cpu scale (issue 12) -> runs/deq_demo/deq_report.md, with the
+# EP-CNN under the same intermediate attacks: the demo's EP-CNN (trained here if it is missing).
 deq-demo: $(VENV)/.installed data
-	$(PY) -m experiments.deq_study --config=experiments/configs/deq_study.py:cpu --workdir=runs/deq_demo
+	$(PY) -m experiments.deq_study --config=experiments/configs/deq_study.py:cpu,ep \
+	  --workdir=runs/deq_demo --config.ep_workdir=runs/demo/ep_cnn
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest -q
