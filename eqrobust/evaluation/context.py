@@ -79,6 +79,7 @@ class Context:
         clean_correct: [N] bool, set by the clean stage.
         correct: robust-correct masks per (attack, strength), for comparisons across attacks.
         gallery_adv: adversarials of the gallery images when the attack grid produced them.
+        stage_seconds: sub-stage timings ("attacks.<name>"), merged into the result's seconds.
     """
 
     classifier: Classifier
@@ -94,6 +95,8 @@ class Context:
     clean_correct: np.ndarray | None = None
     correct: dict[tuple[str, float], np.ndarray] = dataclasses.field(default_factory=dict)
     gallery_adv: np.ndarray | None = None
+    # Finer timings than one per stage ("attacks.pgd_l2": seconds), added to the result's.
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -94,6 +94,7 @@ def evaluate_classifier(
         t0 = time.perf_counter()
         fields.update(stage(ctx, fields))
         seconds[name] = time.perf_counter() - t0
+    seconds.update(ctx.stage_seconds)
     result = ModelResult(
         name=classifier.name,
         seed=int(seed),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,7 @@ def _wants_gallery(ctx: Context, name: str, value: float) -> bool:
 
 
 def _attack_one(ctx: Context, a_i: int, name: str) -> AttackResult:
+    t0 = time.perf_counter()
     spec = registry.get(name)
     acfg = ctx.config[name]
     settings = acfg.settings.to_dict()
@@ -86,6 +88,7 @@ def _attack_one(ctx: Context, a_i: int, name: str) -> AttackResult:
             name, float(acfg.large), settings, nl, key=jax.random.fold_in(akey, 999)
         )
         large = LargeRun(value=float(acfg.large), accuracy=float(out.mean()), n=nl)
+    ctx.stage_seconds[f"attacks.{name}"] = time.perf_counter() - t0
     return AttackResult(
         label=spec.label,
         norm=spec.norm,
