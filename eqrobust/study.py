@@ -19,7 +19,9 @@ import numpy as np
 from eqrobust import data as data_lib
 from eqrobust import ep, report
 from eqrobust.classifier import Classifier, GradientPath
+from eqrobust.cost import inference_cost
 from eqrobust.evaluation import evaluate_classifier
+from eqrobust.evaluation.runner import make_context
 from eqrobust.profiling import compile_seconds
 from eqrobust.results import StudyResults
 from eqrobust.train import Trained, get_trainer
@@ -170,6 +172,90 @@ class _Run:
     note: str | None = None
 
 
+def _run_dir(workdir: str, key: str, seed: int, seeds: Sequence[int]) -> str:
+    """Where one (model, seed) of a study trains: workdir/<key>, or <key>-seed<s> with seeds."""
+    return os.path.join(workdir, key if len(seeds) == 1 else f"{key}-seed{seed}")
+
+
+def _with_study_teacher(
+    config: ml_collections.ConfigDict,
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    seed: int,
+    require_trained: bool,
+) -> ml_collections.ConfigDict:
+    """A distillation config whose teacher is a model of the study (`cfg.study_teacher`, a key
+    of config.models): `teacher` becomes that model's config at this seed and `teacher_workdir`
+    its run directory, so the student distils the very run the study evaluates."""
+    key = cfg.study_teacher
+    if key not in config.models:
+        raise ValueError(
+            f"{cfg.name}: study_teacher {key!r} is not a model of the study ({list(config.models)})"
+        )
+    teacher = ml_collections.ConfigDict(config.models[key].to_dict())
+    teacher.seed = seed
+    teacher_dir = _run_dir(workdir, key, seed, [int(s) for s in config.seeds])
+    if require_trained and not os.path.isdir(os.path.join(teacher_dir, "checkpoints")):
+        raise FileNotFoundError(
+            f"no checkpoints for {teacher.name}, the teacher of {cfg.name}, in {teacher_dir}; "
+            f"train the study first: python -m experiments.study --config=... --workdir={workdir}"
+        )
+    cfg.teacher = teacher
+    cfg.teacher_workdir = teacher_dir
+    return cfg
+
+
+def _inference_costs(
+    config: ml_collections.ConfigDict, runs: Sequence[_Run], data: Any
+) -> dict[str, Any] | None:
+    """Throughput of the teacher named by `config.inference_cost.teacher` and of its students
+    (models whose `study_teacher` it is), first seed, on the clean-accuracy examples.
+
+    Returns:
+      None without `config.inference_cost`; else teacher, num_examples, batch_size, repeats and
+      rows (name, images_per_s, f_evals_per_image, speedup vs the teacher, agreement with the
+      teacher's predictions on those examples).
+    """
+    ic = config.get("inference_cost", None)
+    if not ic:
+        return None
+    seed0 = int(config.seeds[0])
+    first = {r.key: r for r in runs if r.seed == seed0}
+    if ic.teacher not in first:
+        return None
+    chosen = [first[ic.teacher]] + [
+        r for k, r in first.items() if config.models[k].get("study_teacher", None) == ic.teacher
+    ]
+    x = make_context(chosen[0].classifier, data.x_test, data.y_test, config.eval).x
+    bs = min(int(ic.batch_size), len(x))
+    x = jnp.asarray(x[: len(x) // bs * bs])
+    rows, teacher_pred = [], None
+    for r in chosen:
+        c = inference_cost(r.classifier, x, batch_size=bs, repeats=int(ic.repeats))
+        fn = jax.jit(r.classifier.logits_fn)
+        pred = np.concatenate(
+            [np.argmax(np.asarray(fn(x[i : i + bs])), -1) for i in range(0, len(x), bs)]
+        )
+        teacher_pred = pred if teacher_pred is None else teacher_pred
+        ips0 = rows[0]["images_per_s"] if rows else c["images_per_s"]
+        rows.append(
+            dict(
+                name=r.classifier.name,
+                images_per_s=c["images_per_s"],
+                f_evals_per_image=c["f_evals_per_image"],
+                speedup=c["images_per_s"] / ips0,
+                agreement=float(np.mean(pred == teacher_pred)),
+            )
+        )
+    return dict(
+        teacher=chosen[0].classifier.name,
+        num_examples=len(x),
+        batch_size=bs,
+        repeats=int(ic.repeats),
+        rows=rows,
+    )
+
+
 def _train_or_load(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -185,7 +271,9 @@ def _train_or_load(
         for seed in seeds:
             cfg = ml_collections.ConfigDict(config.models[key].to_dict())
             cfg.seed = seed
-            run_dir = os.path.join(workdir, key if len(seeds) == 1 else f"{key}-seed{seed}")
+            run_dir = _run_dir(workdir, key, seed, seeds)
+            if cfg.get("study_teacher", None) is not None:
+                cfg = _with_study_teacher(config, cfg, workdir, seed, require_trained)
             if require_trained and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
                 raise FileNotFoundError(
                     f"no checkpoints for {cfg.name} in {run_dir}; train it first, e.g. "
@@ -249,6 +337,10 @@ def run_study(
             )
         )
     timing["evaluate all models"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    costs = _inference_costs(config, runs, data)
+    if costs is not None:
+        timing["inference cost"] = time.perf_counter() - t0
     trainers = ", ".join(f"{config.models[k].name} ({config.models[k].trainer})" for k in keys)
     dataset = config.models[keys[0]].dataset
     meta = dict(
@@ -263,6 +355,8 @@ def run_study(
         eval_config=config.eval.to_dict(),
         class_names=CLASS_NAMES.get(dataset),
     )
+    if costs is not None:
+        meta["inference_cost"] = costs
     results = StudyResults(models=tuple(models), meta=meta)
     timing["total before report"] = time.perf_counter() - t_start
     timing["of which compilation"] = compile_seconds() - c_start

@@ -1,4 +1,10 @@
-"""Model zoo: distillation loss and training, AutoAugment, ViT / ResNet-18, spectrum, cost."""
+"""Model zoo: distillation loss and training, AutoAugment, ViT / ResNet-18, spectrum, cost, and
+the study with the zoo rows."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +17,15 @@ from eqrobust import autoaugment as aa
 from eqrobust import cost, energy, ep, spectrum
 from eqrobust.configs import distill as distill_config
 from eqrobust.configs import ep_cnn, resnet18, vit
+from eqrobust.configs import study as study_config
 from eqrobust.models import Classifier, logits_fn
 from eqrobust.models.ep_student import EPStudent
 from eqrobust.models.resnet import ResNet18
 from eqrobust.models.vit import ViT
+from eqrobust.results import StudyResults
 from eqrobust.train import distill, get_trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --------------------------------------------------------------------------- distillation loss
 
@@ -241,3 +251,82 @@ def test_spectrum_clean_vs_adversarial_and_cost():
     c_ff = cost.inference_cost(ff, x, batch_size=3, repeats=1)
     assert c_ep["f_evals_per_image"] == 30 and c_ff["f_evals_per_image"] == 1
     assert c_ep["images_per_s"] > 0 and c_ff["images_per_s"] > 0
+
+
+# --------------------------------------------------------------------------- study with the zoo
+
+ZOO_ROWS = [
+    "EP-CNN",
+    "BP-CNN",
+    "Adv-CNN(0.5)",
+    "Adv-CNN(1.0)",
+    "Distilled BP-CNN",
+    "Distilled BP-CNN(ll)",
+    "ResNet-18 student",
+    "ResNet-18",
+    "ViT",
+]
+
+
+def test_study_config_zoo_option():
+    plain, zoo = study_config.get_config("cpu"), study_config.get_config("cpu,zoo")
+    assert plain.to_dict() == study_config.get_config("cpu").to_dict()
+    assert "inference_cost" not in plain and len(plain.model_order) == 4
+    assert [zoo.models[k].name for k in zoo.model_order] == ZOO_ROWS
+    for k in plain.model_order:  # the four rows and the evaluation are unchanged
+        assert zoo.models[k].to_dict() == plain.models[k].to_dict()
+    assert zoo.eval.to_dict() == plain.eval.to_dict()
+    assert zoo.eval_overrides.to_dict() == plain.eval_overrides.to_dict()
+    students = [k for k in zoo.model_order if zoo.models[k].get("study_teacher")]
+    assert students == ["distill_full_state", "distill_last_layer", "distill_resnet18"]
+    assert {zoo.models[k].dataset for k in zoo.model_order} == {"fashion_mnist"}
+    with pytest.raises(ValueError, match="zoo"):
+        study_config.get_config("cpu,zo")
+
+
+@pytest.mark.slow  # the whole smoke study with nine models (3 new architectures to compile)
+def test_smoke_study_with_zoo(tmp_path):
+    """`study.py:smoke,zoo` end to end: nine rows, each attacked, corrupted and health-checked;
+    the students distil the study's own EP-CNN run; the report compares inference cost."""
+    workdir = str(tmp_path / "study")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.study",
+            "--config=experiments/configs/study.py:smoke,zoo",
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = StudyResults.from_json(json.load(open(os.path.join(workdir, "results.json"))))
+    assert [m.name for m in res.models] == ZOO_ROWS
+    base = res.models[1]  # BP-CNN: the full smoke evaluation
+    for m in res.models[4:]:
+        assert m.clean.n == base.clean.n == 32 and m.residual is None
+        assert set(m.attacks) == set(base.attacks)
+        assert all(m.attacks[a].n == base.attacks[a].n for a in m.attacks)
+        assert {c.id for c in m.health} >= {"a", "b", "c", "d", "e", "f"}
+        assert m.corruptions.n == base.corruptions.n
+    # The students' teacher is the study's EP-CNN run.
+    teacher_dir = os.path.join(workdir, "ep_cnn")
+    for key in ("distill_full_state", "distill_last_layer", "distill_resnet18"):
+        stored = json.load(open(os.path.join(workdir, key, "config.json")))
+        assert stored["teacher_workdir"] == teacher_dir
+    ic = res.meta["inference_cost"]
+    assert ic["teacher"] == "EP-CNN" and ic["num_examples"] == 32
+    rows = {r["name"]: r for r in ic["rows"]}
+    assert list(rows) == ["EP-CNN", "Distilled BP-CNN", "Distilled BP-CNN(ll)", "ResNet-18 student"]
+    assert rows["EP-CNN"]["f_evals_per_image"] == res.models[0].gradient.prediction_depth == 6
+    assert all(rows[n]["f_evals_per_image"] == 1 for n in list(rows)[1:])
+    assert rows["EP-CNN"]["agreement"] == 1.0 and all(r["images_per_s"] > 0 for r in rows.values())
+    md = open(os.path.join(workdir, "report.md")).read()
+    assert "## Inference cost" in md and "| Distilled BP-CNN | " in md
+    for name in ZOO_ROWS:
+        assert f"### {name} (seed 0)" in md  # health checks of every row
+        assert f"| {name} |" in proc.stdout  # the summary table

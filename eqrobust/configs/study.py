@@ -4,6 +4,17 @@ corrupted, health-checked and reported.
 Run:
     python -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
     (`make demo`; <= 30 minutes on 2 cores including training; report in runs/demo/report.md)
+    python -m experiments.study --config=experiments/configs/study.py:smoke,zoo --workdir=runs/zoo
+
+Argument: `<scale>[,zoo]`.
+Option `zoo` (issue 13) adds five rows after the four above: Distilled BP-CNN, Distilled
+    BP-CNN(ll) and the ResNet-18 student (eqrobust/configs/distill.py; their teacher is the
+    study's own EP-CNN run, workdir/ep_cnn, trained or loaded first), ResNet-18 and ViT
+    (resnet18.py, vit.py; trained from labels), all on the EP-CNN's data. Every row gets the same
+    evaluation config and examples. The report adds "Inference cost": images/s and f-evaluations
+    per image of the EP-CNN and its students on the clean-accuracy examples (eqrobust/cost.py).
+    Measured at smoke scale only (BUILD_NOTES.md, issue 13); the cpu-scale zoo (each model's cpu
+    config) is not measured and does not fit the demo's 30 minutes.
 
 Scales:
     smoke  tiny models on synthetic 28x28 data, 64 test examples, few attack steps; < 2 minutes
@@ -19,15 +30,20 @@ Scales:
 import ml_collections
 
 from eqrobust import evaluation
-from eqrobust.configs import adv_cnn, bp_cnn, ep_cnn
+from eqrobust.configs import adv_cnn, bp_cnn, distill, ep_cnn
 
 SCALES = ("smoke", "cpu", "paper")
+OPTIONS = ("zoo",)
 
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
-    """The study config at `scale`."""
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    """The study config for `scale` = "<scale>[,zoo]" (e.g. "cpu", "smoke,zoo")."""
+    scale, _, option = scale.partition(",")
+    if scale not in SCALES or option not in ("", *OPTIONS):
+        raise ValueError(
+            f"unknown scale {scale + (',' + option if option else '')!r}; expected "
+            f"'<scale>[,zoo]' with scale in {SCALES}"
+        )
     c = ml_collections.ConfigDict()
     c.scale = scale
     c.title = f"Robustness study ({scale} scale)"
@@ -145,4 +161,32 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.attacks = (*e.attacks, "square_l2")
         e.square_l2.num_examples = 600
         e.gallery.eps = 3.0
+    if option == "zoo":
+        add_zoo(c)
     return c
+
+
+def add_zoo(c: ml_collections.ConfigDict) -> None:
+    """Adds the model-zoo rows (`distill.study_entries`) after c's models, and the inference-cost
+    comparison of the EP-CNN with its students.
+
+    The distillation configs name their teacher by study key (`study_teacher = "ep_cnn"`); the
+    study sets `teacher` and `teacher_workdir` to that model's config and run directory when it
+    trains them (eqrobust/study.py), so the students distil the study's own EP-CNN.
+    """
+    if "ep_cnn" not in c.models:
+        raise ValueError("the zoo rows distil the study's EP-CNN: config.models.ep_cnn is missing")
+    keys = []
+    for cfg, wd in distill.study_entries(c.models.ep_cnn, None, ".").values():
+        key = wd.rsplit("/", 1)[-1]  # distill_full_state, ..., resnet18, vit
+        if cfg.trainer == "distill":
+            cfg.study_teacher = "ep_cnn"
+        if c.scale == "smoke":  # plumbing only, like the four models above
+            cfg.num_steps, cfg.log_every_steps = 6, 2
+        c.models[key] = cfg
+        keys.append(key)
+    c.model_order = (*c.model_order, *keys)
+    c.title += " with the model zoo"
+    c.inference_cost = ml_collections.ConfigDict(
+        dict(teacher="ep_cnn", batch_size=c.eval.batch_size, repeats=3)
+    )

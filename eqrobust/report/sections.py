@@ -378,6 +378,42 @@ def dynamics(results: StudyResults, files: Files) -> list[str]:
     return out
 
 
+def inference_cost(results: StudyResults, files: Files) -> list[str]:
+    """The EP-CNN against its students: images/s and map evaluations per image (study meta
+    "inference_cost", measured by eqrobust/study.py with eqrobust/cost.py); none without it."""
+    ic = results.meta.get("inference_cost")
+    if not ic:
+        return []
+    clean = {m.name: m.clean for m in results.models if m.seed == results.models[0].seed}
+    teacher, rows = ic["teacher"], []
+    for r in ic["rows"]:
+        c = clean.get(r["name"])
+        rows.append(
+            [
+                r["name"],
+                f"{r['images_per_s']:,.0f}",
+                f"{r['f_evals_per_image']:g}",
+                f"{r['speedup']:.1f}x",
+                fmt_acc([c.accuracy], c.n) if c else "–",
+                f"{100 * r['agreement']:.1f} %",
+            ]
+        )
+    head = ["model", "images/s", "f-evals / image", f"speed-up vs {teacher}", "clean accuracy"]
+    return [
+        "## Inference cost",
+        "",
+        f"{teacher} and the students distilled from it, on the same {ic['num_examples']} "
+        f"clean-accuracy examples (batch {ic['batch_size']}, jitted, compiled before timing, "
+        f"best of {ic['repeats']} passes, one process, after the evaluation). f-evals / image: "
+        f"evaluations of the fixed-point map, i.e. the {teacher}'s free-phase steps T1 (each one "
+        "energy gradient) against one forward pass of a student. Wall-clock numbers depend on "
+        "the machine's load; the ratios, measured in one process, are the ones to compare.",
+        "",
+        md_table([*head, f"agreement with {teacher}"], rows),
+        "",
+    ]
+
+
 def health(results: StudyResults, files: Files) -> list[str]:
     """Every check of every model run."""
     out = ["## Health checks", ""] + [f"- ({k}) {v}" for k, v in HEALTH_CHECKS.items()] + [""]
@@ -416,7 +452,9 @@ def timing(results: StudyResults, files: Files) -> list[str]:
         # Keys with a dot ("attacks.pgd_l2") split a stage: listed, not added to the total.
         stages = {k: v for k, v in m.seconds.items() if "." not in k}
         detail = ", ".join(f"{k} {v:.1f}" for k, v in m.seconds.items())
-        rows.append([f"evaluate {m.name} (seed {m.seed})", f"{sum(stages.values()):.1f} ({detail})"])
+        rows.append(
+            [f"evaluate {m.name} (seed {m.seed})", f"{sum(stages.values()):.1f} ({detail})"]
+        )
     return ["## Time budget", "", md_table(["stage", "seconds"], rows), ""]
 
 
@@ -429,6 +467,7 @@ SECTIONS: tuple[Section, ...] = (
     attacks,
     corruptions,
     dynamics,
+    inference_cost,
     health,
     gallery,
     timing,
