@@ -38,12 +38,7 @@ OPTIONS = ("zoo",)
 
 def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     """The study config for `scale` = "<scale>[,zoo]" (e.g. "cpu", "smoke,zoo")."""
-    scale, _, option = scale.partition(",")
-    if scale not in SCALES or option not in ("", *OPTIONS):
-        raise ValueError(
-            f"unknown scale {scale + (',' + option if option else '')!r}; expected "
-            f"'<scale>[,zoo]' with scale in {SCALES}"
-        )
+    scale, option = _parse(scale)
     c = ml_collections.ConfigDict()
     c.scale = scale
     c.title = f"Robustness study ({scale} scale)"
@@ -161,14 +156,20 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.attacks = (*e.attacks, "square_l2")
         e.square_l2.num_examples = 600
         e.gallery.eps = 3.0
-    if option == "zoo":
-        add_zoo(c)
-    return c
+    return add_zoo(c) if option == "zoo" else c
 
 
-def add_zoo(c: ml_collections.ConfigDict) -> None:
-    """Adds the model-zoo rows (`distill.study_entries`) after c's models, and the inference-cost
-    comparison of the EP-CNN with its students.
+def _parse(arg: str) -> tuple[str, str]:
+    """(scale, option) of "<scale>[,zoo]"."""
+    scale, _, option = arg.partition(",")
+    if scale not in SCALES or option not in ("", *OPTIONS):
+        raise ValueError(f"unknown scale {arg!r}; expected '<scale>[,zoo]' with scale in {SCALES}")
+    return scale, option
+
+
+def add_zoo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """c with the model-zoo rows (`distill.study_entries`) after its models, and the
+    inference-cost comparison of the EP-CNN with its students (c is changed in place).
 
     The distillation configs name their teacher by study key (`study_teacher = "ep_cnn"`); the
     study sets `teacher` and `teacher_workdir` to that model's config and run directory when it
@@ -190,3 +191,4 @@ def add_zoo(c: ml_collections.ConfigDict) -> None:
     c.inference_cost = ml_collections.ConfigDict(
         dict(teacher="ep_cnn", batch_size=c.eval.batch_size, repeats=3)
     )
+    return c
