@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from eqrobust import data as data_lib
 from eqrobust import ep, report
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.evaluation import evaluate_classifier
+from eqrobust.evaluation.cache import Uncacheable, model_fingerprint
 from eqrobust.profiling import compile_seconds
 from eqrobust.results import StudyResults
 from eqrobust.train import Trained, get_trainer
@@ -168,6 +170,8 @@ class _Run:
     classifier: Classifier
     variants: tuple[Classifier, ...]
     note: str | None = None
+    cache_dir: str | None = None
+    cache_id: str | None = None
 
 
 def _train_or_load(
@@ -200,7 +204,14 @@ def _train_or_load(
                 variants = tuple(ep_gradient_variants(trained, config.ep_analysis, cfg.name, data))
                 note = ep_gradient_check(trained, data, cfg.name)
             clf = dataclasses.replace(trained.classifier, name=cfg.name)
-            runs.append(_Run(key, seed, clf, variants, note))
+            cache_dir = cache_id = None
+            if config.get("eval_cache", False):
+                try:
+                    cache_id = model_fingerprint(trained.state, cfg, cfg.name)
+                    cache_dir = os.path.join(run_dir, "eval_cache")
+                except Uncacheable as e:
+                    logging.warning("%s: evaluation not cached (%s)", cfg.name, e)
+            runs.append(_Run(key, seed, clf, variants, note, cache_dir, cache_id))
     return runs
 
 
@@ -246,6 +257,8 @@ def run_study(
                 ecfg,
                 seed=run.seed,
                 gradient_variants=run.variants,
+                cache_dir=run.cache_dir,
+                cache_id=run.cache_id,
             )
         )
     timing["evaluate all models"] = time.perf_counter() - t0

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from eqrobust import corruptions as corruptions_lib
 from eqrobust import ops
 from eqrobust.attacks import _common, registry
+from eqrobust.classifier import Classifier
 from eqrobust.evaluation.context import Context, gradient_info, predict
 from eqrobust.evaluation.probes import (
     determinism_probe,
@@ -276,9 +277,20 @@ def corruptions(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     bar = tqdm(jobs, desc=f"{ctx.name} corruptions", leave=False, disable=not ctx.progress)
     for c_i, (cname, sev) in enumerate(bar):
         # The seed depends only on (corruption, severity): every model sees the same images.
-        xc = np.asarray(corrupt(xs, cname, sev, seed=ctx.config.seed + c_i), dtype=np.float32)
-        pred = predict(ctx.classifier.logits_fn, xc, batch_size=ctx.batch_size)
-        acc.setdefault(cname, []).append(float((pred == ys).mean()))
+        seed = ctx.config.seed + c_i
+
+        def compute(cname=cname, sev=sev, seed=seed):
+            xc = np.asarray(corrupt(xs, cname, sev, seed=seed), dtype=np.float32)
+            pred = predict(ctx.classifier.logits_fn, xc, batch_size=ctx.batch_size)
+            return dict(correct=pred == ys)
+
+        if ctx.corrupt is None:  # the library's corruptions: their code is in the cache's key
+            parts = dict(corruption=cname, severity=sev, seed=seed, n=n, batch_size=ctx.batch_size)
+            parts["examples"] = ctx.examples_digest(n)
+            out = ctx.cached("corruption", parts, compute, {"correct": (n,)})
+        else:
+            out = compute()
+        acc.setdefault(cname, []).append(float(np.mean(out["correct"])))
     mean = float(np.mean([a for v in acc.values() for a in v])) if acc else None
     per_severity = tuple(float(np.mean([acc[c][i] for c in acc])) for i in range(len(severities)))
     ctx.log(f"corruption mean accuracy {mean:.4f} (n={n})")
@@ -307,6 +319,13 @@ def _trajectory_curve(ctx: Context) -> Curve:
     )
 
 
+def _variant_id(var: Classifier) -> str:
+    """A gradient variant's identity for the cache: its name and gradient path (the variants
+    share the evaluated model's weights, which the model's fingerprint covers)."""
+    info = gradient_info(var)
+    return f"{var.name}|{info.mode}|depth={info.gradient_depth}|pred={info.prediction_depth}"
+
+
 def _attack_depth(ctx: Context, key: jax.Array) -> AttackDepth:
     """Robust accuracy with each gradient variant's attack, judged by the real prediction."""
     cfg = ctx.config.dynamics
@@ -324,6 +343,7 @@ def _attack_depth(ctx: Context, key: jax.Array) -> AttackDepth:
                 n,
                 key=jax.random.fold_in(jax.random.fold_in(key, i), j),
                 attack_logits_fn=var.logits_fn,
+                attack_id=_variant_id(var),
             )
             accs.append(float(corr.mean()))
         info = gradient_info(var)

@@ -416,7 +416,9 @@ def timing(results: StudyResults, files: Files) -> list[str]:
         # Keys with a dot ("attacks.pgd_l2") split a stage: listed, not added to the total.
         stages = {k: v for k, v in m.seconds.items() if "." not in k}
         detail = ", ".join(f"{k} {v:.1f}" for k, v in m.seconds.items())
-        rows.append([f"evaluate {m.name} (seed {m.seed})", f"{sum(stages.values()):.1f} ({detail})"])
+        rows.append(
+            [f"evaluate {m.name} (seed {m.seed})", f"{sum(stages.values()):.1f} ({detail})"]
+        )
     return ["## Time budget", "", md_table(["stage", "seconds"], rows), ""]
 
 
