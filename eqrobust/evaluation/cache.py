@@ -13,11 +13,13 @@ directory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import tempfile
+import typing
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -192,3 +194,38 @@ class EvalCache:
         out = compute()
         self.store(fname, desc, out)
         return out
+
+
+def _cast(tp: Any, a: np.ndarray) -> Any:
+    v = a.item()
+    return str(v) if tp is str else bool(v) if tp is bool else int(v) if tp is int else float(v)
+
+
+def fields_to_arrays(fields: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flat dataclasses of scalars (e.g. the probes' results) -> arrays "<key>.<field>"."""
+    return {
+        f"{k}.{f.name}": np.asarray(getattr(v, f.name))
+        for k, v in fields.items()
+        for f in dataclasses.fields(v)
+    }
+
+
+def arrays_to_fields(arrays: Mapping[str, np.ndarray], types: Mapping[str, type]) -> dict:
+    """The inverse of `fields_to_arrays` for the keys of `types` present in `arrays`."""
+    out = {}
+    for k, tp in types.items():
+        if f"{k}.{dataclasses.fields(tp)[0].name}" not in arrays:
+            continue
+        hints = typing.get_type_hints(tp)
+        out[k] = tp(
+            **{
+                f.name: _cast(hints[f.name], arrays[f"{k}.{f.name}"])
+                for f in dataclasses.fields(tp)
+            }
+        )
+    return out
+
+
+def field_shapes(types: Mapping[str, type]) -> dict[str, tuple]:
+    """`required` for an entry of `fields_to_arrays` over `types`: every field, a scalar."""
+    return {f"{k}.{f.name}": () for k, tp in types.items() for f in dataclasses.fields(tp)}
