@@ -21,7 +21,7 @@ from eqrobust import data as data_lib
 from eqrobust import ep, report
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.evaluation import evaluate_classifier
-from eqrobust.evaluation.cache import Uncacheable, model_fingerprint
+from eqrobust.evaluation.cache import EvalCache, Uncacheable, array_digest, model_fingerprint
 from eqrobust.profiling import compile_seconds
 from eqrobust.results import StudyResults
 from eqrobust.train import Trained, get_trainer
@@ -174,6 +174,33 @@ class _Run:
     cache_id: str | None = None
 
 
+def _eval_cache(
+    config: ml_collections.ConfigDict,
+    trained: Trained,
+    cfg: ml_collections.ConfigDict,
+    run_dir: str,
+) -> EvalCache | None:
+    """The model's evaluation cache, <run_dir>/eval_cache, when the study config asks for one."""
+    if not config.get("eval_cache", False):
+        return None
+    try:
+        fingerprint = model_fingerprint(trained.state, cfg, cfg.name)
+    except Uncacheable as e:
+        logging.warning("%s: evaluation not cached (%s)", cfg.name, e)
+        return None
+    return EvalCache(os.path.join(run_dir, "eval_cache"), fingerprint)
+
+
+def _ep_note(trained: Trained, data: Any, name: str, cache: EvalCache | None) -> str:
+    """`ep_gradient_check`'s line, stored in the model's evaluation cache when it has one."""
+    n = 64
+    compute = lambda: dict(note=np.asarray(ep_gradient_check(trained, data, name, n)))
+    if cache is None:
+        return str(compute()["note"])
+    parts = dict(name=name, examples=array_digest(data.x_train[:n], data.y_train[:n]))
+    return str(cache.get_or_compute("ep_gradient_check", parts, compute, {"note": ()})["note"])
+
+
 def _train_or_load(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -198,19 +225,14 @@ def _train_or_load(
             t0 = time.perf_counter()
             trained = get_trainer(cfg.trainer)(cfg, run_dir)
             timing[f"train-or-load {cfg.name} (seed {seed})"] = time.perf_counter() - t0
+            cache = _eval_cache(config, trained, cfg, run_dir)
             variants: tuple[Classifier, ...] = ()
             note = None
             if cfg.trainer == "ep" and seed == seeds[0]:  # depth analysis on the first seed only
                 variants = tuple(ep_gradient_variants(trained, config.ep_analysis, cfg.name, data))
-                note = ep_gradient_check(trained, data, cfg.name)
+                note = _ep_note(trained, data, cfg.name, cache)
             clf = dataclasses.replace(trained.classifier, name=cfg.name)
-            cache_dir = cache_id = None
-            if config.get("eval_cache", False):
-                try:
-                    cache_id = model_fingerprint(trained.state, cfg, cfg.name)
-                    cache_dir = os.path.join(run_dir, "eval_cache")
-                except Uncacheable as e:
-                    logging.warning("%s: evaluation not cached (%s)", cfg.name, e)
+            cache_dir, cache_id = (cache.directory, cache.model_id) if cache else (None, None)
             runs.append(_Run(key, seed, clf, variants, note, cache_dir, cache_id))
     return runs
 

@@ -33,10 +33,12 @@ from absl import logging
 # Bump when the meaning of a stored value changes without the code fingerprint seeing it.
 FORMAT_VERSION = 1
 
-# Package parts that cannot change a stored value (reporting, studies, configs); every other
-# source file of eqrobust enters `code_fingerprint`, so an edit there invalidates the cache.
-_NOT_COMPUTATION = ("report/", "configs/", "results", "study.py", "deq_study.py", "profiling.py")
-_NOT_COMPUTATION += ("robustbench.py", "cost.py", "evaluation/health.py", "evaluation/cache.py")
+# Package parts that cannot change a stored value (reporting, configs, whose values enter the
+# keys, the DEQ study, which does not cache); every other source file of eqrobust enters
+# `code_fingerprint`, so an edit there invalidates the cache (study.py builds the EP gradient
+# variants, so it is in).
+_NOT_COMPUTATION = ("report/", "configs/", "results", "deq_study.py", "profiling.py", "cost.py")
+_NOT_COMPUTATION += ("robustbench.py", "evaluation/health.py", "evaluation/cache.py")
 
 
 class Uncacheable(TypeError):
