@@ -174,6 +174,13 @@ class _Run:
     cache_id: str | None = None
 
 
+_CACHE_NOTE = (
+    "evaluation cache: each attack cell (attack, strength, settings, examples, key) and each "
+    "corruption result is stored in <model run>/eval_cache/ and reused while the trained "
+    "weights, code and settings are unchanged; the time budget counts this run's work only"
+)
+
+
 def _eval_cache(
     config: ml_collections.ConfigDict,
     trained: Trained,
@@ -291,7 +298,8 @@ def run_study(
         dataset=dataset,
         scale=config.get("scale", "?"),
         num_test=len(data.x_test),
-        notes=[f"models (trainer): {trainers}"],
+        notes=[f"models (trainer): {trainers}"]
+        + ([_CACHE_NOTE] if any(r.cache_id for r in runs) else []),
         training=[describe_training(config.models[k]) for k in keys]
         + [r.note for r in runs if r.note],
         timing=timing,

@@ -110,6 +110,26 @@ def test_rerun_reuses_every_cell_and_changed_settings_rerun_only_theirs(tmp_path
     assert not any(e.startswith(".tmp") for e in os.listdir(d))
 
 
+def test_interrupted_evaluation_continues_from_its_finished_cells(tmp_path, calls, monkeypatch):
+    clf, x, y = _model_and_data()
+    d = str(tmp_path / "c")
+    spec = registry.ATTACKS["pgd_linf"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(registry.ATTACKS, "pgd_linf", dataclasses.replace(spec, run=killed))
+    with pytest.raises(KeyboardInterrupt):  # after PGD-L2's grid, in PGD-Linf's first cell
+        _evaluate(clf, x, y, _config(), d)
+    assert sum(e.startswith("attack-") for e in os.listdir(d)) == 2
+    assert not any(e.startswith(".tmp") for e in os.listdir(d))
+    monkeypatch.setitem(registry.ATTACKS, "pgd_linf", spec)
+    calls.clear()
+    _evaluate(clf, x, y, _config(), d)
+    # PGD-L2's 2 grid cells are reused; its (c) run and dynamics cell run (2 chunks each).
+    assert calls["pgd_l2"] == 2 * 2 and calls["pgd_linf"] > 0
+
+
 def test_other_model_or_examples_miss(tmp_path, calls):
     clf, x, y = _model_and_data()
     d = str(tmp_path / "c")
