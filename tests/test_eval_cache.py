@@ -193,6 +193,8 @@ def test_keys_and_fingerprints(tmp_path):
     assert c.key("attack", {"a": 1, "b": (2, 3)}) == c.key("attack", {"b": [2, 3], "a": 1})
     with pytest.raises(cache_lib.Uncacheable):
         c.key("attack", {"loss": lambda z: z})
+    with pytest.raises(cache_lib.Uncacheable):
+        c.key("attack", {"weights": {1: 0.5, "a": 0.5}})
     out = c.get_or_compute("attack", {"loss": print}, lambda: {"ok": np.ones(3, bool)}, {})
     assert out["ok"].all() and os.listdir(tmp_path) == [] and c.misses == 0
     assert cache_lib.key_digest(jax.random.key(1)) != cache_lib.key_digest(jax.random.key(2))

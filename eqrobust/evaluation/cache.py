@@ -112,7 +112,10 @@ def _plain(v: Any) -> Any:
 def canonical(parts: Mapping[str, Any]) -> str:
     """Sorted, compact JSON of `parts` (tuples as lists, NumPy scalars as numbers); raises
     `Uncacheable` for anything else (functions, arrays), never falling back to an unstable repr."""
-    return json.dumps(parts, sort_keys=True, separators=(",", ":"), default=_plain)
+    try:
+        return json.dumps(parts, sort_keys=True, separators=(",", ":"), default=_plain)
+    except (TypeError, ValueError) as e:  # e.g. keys of mixed types, which cannot be sorted
+        raise Uncacheable(str(e)) from e
 
 
 class EvalCache:

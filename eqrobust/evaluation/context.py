@@ -101,7 +101,7 @@ class Context:
     # Finer timings than one per stage ("attacks.pgd_l2": seconds), added to the result's.
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     cache: EvalCache | None = None
-    _digests: dict[int, str] = dataclasses.field(default_factory=dict, repr=False)
+    _digests: dict[int, str] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
     def name(self) -> str:
