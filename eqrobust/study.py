@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from eqrobust import data as data_lib
 from eqrobust import ep, report
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.cost import inference_cost
 from eqrobust.evaluation import evaluate_classifier
+from eqrobust.evaluation.cache import EvalCache, Uncacheable, array_digest, model_fingerprint
 from eqrobust.evaluation.runner import make_context
 from eqrobust.profiling import compile_seconds
 from eqrobust.results import StudyResults
@@ -170,6 +172,42 @@ class _Run:
     classifier: Classifier
     variants: tuple[Classifier, ...]
     note: str | None = None
+    cache_dir: str | None = None
+    cache_id: str | None = None
+
+
+_CACHE_NOTE = (
+    "evaluation cache: each attack cell (attack, strength, settings, examples, key) and each "
+    "corruption result is stored in <model run>/eval_cache/ and reused while the trained "
+    "weights, code and settings are unchanged; the time budget counts this run's work only"
+)
+
+
+def _eval_cache(
+    config: ml_collections.ConfigDict,
+    trained: Trained,
+    cfg: ml_collections.ConfigDict,
+    run_dir: str,
+) -> EvalCache | None:
+    """The model's evaluation cache, <run_dir>/eval_cache, when the study config asks for one."""
+    if not config.get("eval_cache", False):
+        return None
+    try:
+        fingerprint = model_fingerprint(trained.state, cfg, cfg.name)
+    except Uncacheable as e:
+        logging.warning("%s: evaluation not cached (%s)", cfg.name, e)
+        return None
+    return EvalCache(os.path.join(run_dir, "eval_cache"), fingerprint)
+
+
+def _ep_note(trained: Trained, data: Any, name: str, cache: EvalCache | None) -> str:
+    """`ep_gradient_check`'s line, stored in the model's evaluation cache when it has one."""
+    n = 64
+    compute = lambda: dict(note=np.asarray(ep_gradient_check(trained, data, name, n)))
+    if cache is None:
+        return str(compute()["note"])
+    parts = dict(name=name, examples=array_digest(data.x_train[:n], data.y_train[:n]))
+    return str(cache.get_or_compute("ep_gradient_check", parts, compute, {"note": ()})["note"])
 
 
 def _run_dir(workdir: str, key: str, seed: int, seeds: Sequence[int]) -> str:
@@ -282,13 +320,15 @@ def _train_or_load(
             t0 = time.perf_counter()
             trained = get_trainer(cfg.trainer)(cfg, run_dir)
             timing[f"train-or-load {cfg.name} (seed {seed})"] = time.perf_counter() - t0
+            cache = _eval_cache(config, trained, cfg, run_dir)
             variants: tuple[Classifier, ...] = ()
             note = None
             if cfg.trainer == "ep" and seed == seeds[0]:  # depth analysis on the first seed only
                 variants = tuple(ep_gradient_variants(trained, config.ep_analysis, cfg.name, data))
-                note = ep_gradient_check(trained, data, cfg.name)
+                note = _ep_note(trained, data, cfg.name, cache)
             clf = dataclasses.replace(trained.classifier, name=cfg.name)
-            runs.append(_Run(key, seed, clf, variants, note))
+            cache_dir, cache_id = (cache.directory, cache.model_id) if cache else (None, None)
+            runs.append(_Run(key, seed, clf, variants, note, cache_dir, cache_id))
     return runs
 
 
@@ -334,6 +374,8 @@ def run_study(
                 ecfg,
                 seed=run.seed,
                 gradient_variants=run.variants,
+                cache_dir=run.cache_dir,
+                cache_id=run.cache_id,
             )
         )
     timing["evaluate all models"] = time.perf_counter() - t0
@@ -348,7 +390,8 @@ def run_study(
         dataset=dataset,
         scale=config.get("scale", "?"),
         num_test=len(data.x_test),
-        notes=[f"models (trainer): {trainers}"],
+        notes=[f"models (trainer): {trainers}"]
+        + ([_CACHE_NOTE] if any(r.cache_id for r in runs) else []),
         training=[describe_training(config.models[k]) for k in keys]
         + [r.note for r in runs if r.note],
         timing=timing,

@@ -25,6 +25,11 @@ Scales:
            model; every subset is stated in the report.
     paper  the models' paper configs (CIFAR-10) and the papers' evaluation grid on the full test
            split (Square: 600 images as in the paper); GPU.
+
+Evaluation cache (`eval_cache`, default True): each model's attack cells and corruption results
+go to <model run>/eval_cache/ as they are computed and are reused, so a rerun skips finished
+work, an interrupted run continues, and a changed setting reruns only what it enters. Delete
+eval_cache/ or pass --config.eval_cache=False to recompute everything.
 """
 
 import ml_collections
@@ -42,7 +47,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.scale = scale
     c.title = f"Robustness study ({scale} scale)"
-    c.seeds = (0,)
+    c.seeds, c.eval_cache = (0,), True  # eval_cache: see "Evaluation cache" above
 
     ep = ep_cnn.get_config(scale)
     ep.name = "EP-CNN"

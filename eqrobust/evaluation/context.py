@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from eqrobust import ops
 from eqrobust.attacks import _common, registry
 from eqrobust.classifier import Classifier
+from eqrobust.evaluation.cache import EvalCache, array_digest, key_digest
 from eqrobust.results import GradientInfo
 
 Array = jax.Array
@@ -80,6 +81,8 @@ class Context:
         correct: robust-correct masks per (attack, strength), for comparisons across attacks.
         gallery_adv: adversarials of the gallery images when the attack grid produced them.
         stage_seconds: sub-stage timings ("attacks.<name>"), merged into the result's seconds.
+        cache: where attack cells and corruption results are stored and reused (None: nothing
+            is stored; see `eqrobust.evaluation.cache`).
     """
 
     classifier: Classifier
@@ -97,6 +100,8 @@ class Context:
     gallery_adv: np.ndarray | None = None
     # Finer timings than one per stage ("attacks.pgd_l2": seconds), added to the result's.
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    cache: EvalCache | None = None
+    _digests: dict[int, str] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -118,6 +123,24 @@ class Context:
         """A requested subset size (None: every evaluation example) capped at the examples."""
         return len(self.x) if n is None else min(int(n), len(self.x))
 
+    def examples_digest(self, n: int) -> str:
+        """sha256 of the first n examples (images and labels), computed once per n."""
+        if n not in self._digests:
+            self._digests[n] = array_digest(self.x[:n], self.y[:n])
+        return self._digests[n]
+
+    def cached(
+        self,
+        kind: str,
+        parts: dict[str, Any],
+        compute: Callable[[], dict[str, np.ndarray]],
+        required: dict[str, tuple | None],
+    ) -> dict[str, np.ndarray]:
+        """`compute()`, or its stored arrays when the cache has (kind, parts) for this model."""
+        if self.cache is None:
+            return compute()
+        return self.cache.get_or_compute(kind, parts, compute, required)
+
     def robust_correct(
         self,
         name: str,
@@ -127,6 +150,7 @@ class Context:
         *,
         key: Array,
         attack_logits_fn: LogitsFn | None = None,
+        attack_id: str | None = None,
         return_adv: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Per-example robustness on the first n examples: correct clean AND at x_adv.
@@ -135,26 +159,51 @@ class Context:
         the verdict is always the real prediction at the returned point, never the attack's flag.
         An EOT-capable attack (`AttackSpec.eot`) on the classifier's own gradient path gets the
         classifier's `sample_logits_fn` (randomised classifiers), when it has one.
+
+        With a cache, the cell is stored under (model, attack, value, settings, n, key, examples,
+        gradient path, batch size) and reused; `attack_id` names `attack_logits_fn`'s gradient
+        path for the key (without it, a call with `attack_logits_fn` is never cached).
         """
         spec = registry.get(name)
         attack_fn = attack_logits_fn or self.classifier.logits_fn
         judge = _jitted_argmax(self.classifier.logits_fn)
         sampler = self.classifier.sample_logits_fn
-        if spec.eot and sampler is not None and attack_logits_fn is None:
-            settings = {**settings, "sample_logits_fn": sampler}
+        eot = bool(spec.eot and sampler is not None and attack_logits_fn is None)
+        run_settings = {**settings, "sample_logits_fn": sampler} if eot else settings
 
         def fn(xb, yb, k):
-            x_adv = spec.run(attack_fn, xb, yb, key=k, value=value, **settings)
+            x_adv = spec.run(attack_fn, xb, yb, key=k, value=value, **run_settings)
             return judge(x_adv) == yb, x_adv
 
-        ok, x_adv = ops.run_chunked(
-            fn,
-            self.x[:n],
-            self.y[:n],
-            batch_size=self.batch_size,
-            key=key,
-            desc=f"{spec.label} {spec.param}={value:.4g}",
-            progress=self.progress,
-        )
-        correct = ok & self.clean_correct[:n]
-        return (correct, x_adv) if return_adv else correct
+        def compute() -> dict[str, np.ndarray]:
+            ok, x_adv = ops.run_chunked(
+                fn,
+                self.x[:n],
+                self.y[:n],
+                batch_size=self.batch_size,
+                key=key,
+                desc=f"{spec.label} {spec.param}={value:.4g}",
+                progress=self.progress,
+            )
+            return dict(ok=ok, x_adv=x_adv) if return_adv else dict(ok=ok)
+
+        required: dict[str, tuple | None] = {"ok": (n,)}
+        if return_adv:
+            required["x_adv"] = self.x[:n].shape
+        if attack_logits_fn is not None and attack_id is None:
+            out = compute()
+        else:
+            parts = dict(
+                attack=name,
+                value=float(value),
+                settings=settings,
+                n=int(n),
+                key=key_digest(key),
+                examples=self.examples_digest(n),
+                gradient="classifier" if attack_logits_fn is None else attack_id,
+                eot=eot,
+                batch_size=self.batch_size,
+            )
+            out = self.cached("attack", parts, compute, required)
+        correct = np.asarray(out["ok"], bool) & self.clean_correct[:n]
+        return (correct, out["x_adv"]) if return_adv else correct

@@ -14,6 +14,7 @@ import numpy as np
 from eqrobust.attacks._common import num_classes
 from eqrobust.classifier import Classifier
 from eqrobust.evaluation import health, stages
+from eqrobust.evaluation.cache import EvalCache
 from eqrobust.evaluation.config import check_config, default_config
 from eqrobust.evaluation.context import Context, check_data, gradient_info
 from eqrobust.results import ModelResult, StudyResults
@@ -24,11 +25,20 @@ def make_context(
     x_test: np.ndarray,
     y_test: np.ndarray,
     config: ml_collections.ConfigDict,
+    *,
+    cache_dir: str | None = None,
+    cache_id: str | None = None,
     **kwargs: Any,
 ) -> Context:
     """The examples of one evaluation: a fixed permutation of the test split (seeded by
-    `config.seed`), its prefix of `config.num_examples`; every stage's subset is a prefix of it."""
+    `config.seed`), its prefix of `config.num_examples`; every stage's subset is a prefix of it.
+
+    With `cache_dir`, attack cells and corruption results are stored there and reused
+    (`eqrobust.evaluation.cache`); `cache_id` is then required: the model's fingerprint, e.g.
+    `cache.model_fingerprint(trained.state, trained.config, name)`.
+    """
     check_config(config)
+    cache = None if cache_dir is None else EvalCache(cache_dir, cache_id or "")
     k = num_classes(classifier.logits_fn, jnp.asarray(x_test[:1], jnp.float32))
     x_test, y_test = check_data(x_test, y_test, k)
     total = len(x_test)
@@ -44,6 +54,7 @@ def make_context(
         y=y_test[idx],
         num_test=total,
         key=jax.random.key(config.seed),
+        cache=cache,
         **kwargs,
     )
 
@@ -59,6 +70,8 @@ def evaluate_classifier(
     corrupt: Callable[..., np.ndarray] | None = None,
     corruption_names: Sequence[str] | None = None,
     stage_list: Sequence[tuple[str, stages.Stage]] = stages.STAGES,
+    cache_dir: str | None = None,
+    cache_id: str | None = None,
 ) -> ModelResult:
     """Runs every stage of the suite on one classifier, then the health checks.
 
@@ -74,6 +87,12 @@ def evaluate_classifier(
       corrupt: `corrupt(x, name, severity, *, seed) -> x` (default `eqrobust.corruptions.corrupt`).
       corruption_names: corruptions to run (default: `config.corruptions.names` or all).
       stage_list: the stages to run, in order (default `stages.STAGES`).
+      cache_dir: store each attack cell (one attack at one strength) and each corruption result
+        here as soon as it is computed, and reuse stored ones: a rerun skips finished work, an
+        interrupted run continues, a changed setting reruns only what it enters. None (default):
+        nothing is stored.
+      cache_id: the model's fingerprint (required with `cache_dir`; part of every key), e.g.
+        `eqrobust.evaluation.cache.model_fingerprint(trained.state, trained.config, name)`.
 
     Returns:
       `ModelResult`; gallery images are NumPy arrays in memory.
@@ -87,6 +106,8 @@ def evaluate_classifier(
         gradient_variants=tuple(gradient_variants),
         corrupt=corrupt,
         corruption_names=corruption_names,
+        cache_dir=cache_dir,
+        cache_id=cache_id,
     )
     fields: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -95,6 +116,11 @@ def evaluate_classifier(
         fields.update(stage(ctx, fields))
         seconds[name] = time.perf_counter() - t0
     seconds.update(ctx.stage_seconds)
+    if ctx.cache is not None:
+        ctx.log(
+            f"evaluation cache {ctx.cache.directory}: {ctx.cache.hits} results reused, "
+            f"{ctx.cache.misses} computed"
+        )
     result = ModelResult(
         name=classifier.name,
         seed=int(seed),
@@ -121,6 +147,11 @@ def evaluate(
     **kwargs: Any,
 ) -> StudyResults:
     """Runs `evaluate_classifier` on several classifiers -> `StudyResults`."""
+    if kwargs.get("cache_id") is not None and len(classifiers) > 1:
+        raise ValueError(
+            "cache_id is one model's fingerprint; with several classifiers call "
+            "evaluate_classifier per model with its own cache_id"
+        )
     config = default_config() if config is None else config
     seeds = [0] * len(classifiers) if seeds is None else list(seeds)
     models = tuple(

@@ -15,6 +15,14 @@ from tqdm.auto import tqdm
 from eqrobust import corruptions as corruptions_lib
 from eqrobust import ops
 from eqrobust.attacks import _common, registry
+from eqrobust.classifier import Classifier
+from eqrobust.evaluation.cache import (
+    array_digest,
+    arrays_to_fields,
+    field_shapes,
+    fields_to_arrays,
+    key_digest,
+)
 from eqrobust.evaluation.context import Context, gradient_info, predict
 from eqrobust.evaluation.probes import (
     determinism_probe,
@@ -30,10 +38,13 @@ from eqrobust.results import (
     CorruptionResult,
     Curve,
     DepthVariant,
+    DeterminismProbe,
     DynamicsResult,
     Gallery,
+    GradientProbe,
     LargeRun,
     MaskingComparison,
+    ResidualProbe,
     WorstCase,
 )
 
@@ -48,7 +59,14 @@ _PROBE_KEY = 6000
 
 def clean(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     """Clean accuracy on every evaluation example."""
-    ctx.clean_pred = predict(ctx.classifier.logits_fn, ctx.x, batch_size=ctx.batch_size)
+    n = len(ctx.x)
+    out = ctx.cached(
+        "clean",
+        dict(n=n, examples=ctx.examples_digest(n), batch_size=ctx.batch_size),
+        lambda: dict(pred=predict(ctx.classifier.logits_fn, ctx.x, batch_size=ctx.batch_size)),
+        {"pred": (n,)},
+    )
+    ctx.clean_pred = np.asarray(out["pred"])
     ctx.clean_correct = ctx.clean_pred == ctx.y
     acc = float(ctx.clean_correct.mean())
     ctx.log(f"clean accuracy {acc:.4f} (n={len(ctx.x)} of {ctx.num_test})")
@@ -152,6 +170,30 @@ def worst_case(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     return dict(worst_case=worst_cases(grid, norms))
 
 
+_PROBE_TYPES = dict(
+    gradient_probe=GradientProbe, determinism=DeterminismProbe, residual=ResidualProbe
+)
+
+
+def _run_probes(ctx: Context, x: np.ndarray, y: np.ndarray, key: jax.Array) -> dict[str, Any]:
+    h = ctx.config.health
+    fn = ctx.classifier.logits_fn
+    grad = gradient_probe(
+        fn,
+        x,
+        y,
+        key=key,
+        directions=int(h.gradient_directions),
+        step=float(h.gradient_step),
+    )
+    out = dict(gradient_probe=grad, determinism=determinism_probe(fn, x))
+    if ctx.classifier.residual_fn is not None:
+        out["residual"] = residual_probe(
+            ctx.classifier.residual_fn, ctx.x[: int(h.residual_images)]
+        )
+    return out
+
+
 def probes(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     """Checks (d) and (f)'s measurements on the first correctly classified examples; (g)'s
     residual of the predicted state on the first `health.residual_images` examples."""
@@ -159,25 +201,33 @@ def probes(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     idx = np.flatnonzero(ctx.clean_correct)[: int(h.gradient_images)]
     if len(idx) == 0:  # nothing classified correctly: probe the first examples anyway
         idx = np.arange(min(int(h.gradient_images), len(ctx.x)))
-    fn = ctx.classifier.logits_fn
     x, y = ctx.x[idx], ctx.y[idx]
-    grad = gradient_probe(
-        fn,
-        x,
-        y,
-        key=jax.random.fold_in(ctx.key, _PROBE_KEY),
+    key = jax.random.fold_in(ctx.key, _PROBE_KEY)
+    has_residual = ctx.classifier.residual_fn is not None
+    nr = min(int(h.residual_images), len(ctx.x))
+    parts = dict(
         directions=int(h.gradient_directions),
         step=float(h.gradient_step),
+        key=key_digest(key),
+        examples=array_digest(x, y),
+        residual=ctx.examples_digest(nr) if has_residual else None,
     )
+    types = {k: v for k, v in _PROBE_TYPES.items() if k != "residual" or has_residual}
+    arrays = ctx.cached(
+        "probes",
+        parts,
+        lambda: fields_to_arrays(_run_probes(ctx, x, y, key)),
+        field_shapes(types),
+    )
+    out = arrays_to_fields(arrays, types)
+    grad = out["gradient_probe"]
     ctx.log(
         f"gradient probe: correlation {grad.correlation:.3f}, relative error "
         f"{grad.relative_error:.3f}, zero gradients {grad.zero_gradient_fraction:.0%}"
     )
-    out = dict(gradient_probe=grad, determinism=determinism_probe(fn, x))
-    if ctx.classifier.residual_fn is not None:
-        res = residual_probe(ctx.classifier.residual_fn, ctx.x[: int(h.residual_images)])
+    if "residual" in out:
+        res = out["residual"]
         ctx.log(f"relative residual of the predicted state: mean {res.mean:.3g} (n={res.n})")
-        out["residual"] = res
     return out
 
 
@@ -209,6 +259,25 @@ def masking(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     return dict(masking_comparisons=tuple(out))
 
 
+def _zero_gradients(ctx: Context, n: int, loss: str) -> np.ndarray:
+    """Which of the first n examples, where classified correctly, have a zero loss gradient."""
+    idx = np.flatnonzero(ctx.clean_correct[:n])
+    if not len(idx):
+        return np.zeros(0, bool)
+    x, y = ctx.x[idx], ctx.y[idx]
+    out = ctx.cached(
+        "zero_gradients",
+        dict(loss=loss, examples=array_digest(x, y), batch_size=ctx.batch_size),
+        lambda: dict(
+            zero=zero_gradient_mask(
+                ctx.classifier.logits_fn, x, y, loss=loss, batch_size=ctx.batch_size
+            )
+        ),
+        {"zero": (len(idx),)},
+    )
+    return np.asarray(out["zero"], bool)
+
+
 def convergence(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     """Check (c)'s runs: PGD with more iterations and restarts at the most informative eps."""
     attack_results = fields.get("attacks", {})
@@ -232,18 +301,7 @@ def convergence(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
             name, value, strong, nh, key=jax.random.fold_in(ctx.key, _CONVERGENCE_KEY + p_i)
         )
         # Zero gradients make "more steps change nothing" trivially true: measure them.
-        idx = np.flatnonzero(ctx.clean_correct[:nh])
-        zero = (
-            zero_gradient_mask(
-                ctx.classifier.logits_fn,
-                ctx.x[idx],
-                ctx.y[idx],
-                loss=str(strong.get("loss", "ce")),
-                batch_size=ctx.batch_size,
-            )
-            if len(idx)
-            else np.zeros(0, bool)
-        )
+        zero = _zero_gradients(ctx, nh, str(strong.get("loss", "ce")))
         runs.append(
             ConvergenceRun(
                 attack=name,
@@ -276,9 +334,20 @@ def corruptions(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     bar = tqdm(jobs, desc=f"{ctx.name} corruptions", leave=False, disable=not ctx.progress)
     for c_i, (cname, sev) in enumerate(bar):
         # The seed depends only on (corruption, severity): every model sees the same images.
-        xc = np.asarray(corrupt(xs, cname, sev, seed=ctx.config.seed + c_i), dtype=np.float32)
-        pred = predict(ctx.classifier.logits_fn, xc, batch_size=ctx.batch_size)
-        acc.setdefault(cname, []).append(float((pred == ys).mean()))
+        seed = ctx.config.seed + c_i
+
+        def compute(cname=cname, sev=sev, seed=seed):
+            xc = np.asarray(corrupt(xs, cname, sev, seed=seed), dtype=np.float32)
+            pred = predict(ctx.classifier.logits_fn, xc, batch_size=ctx.batch_size)
+            return dict(correct=pred == ys)
+
+        if ctx.corrupt is None:  # the library's corruptions: their code is in the cache's key
+            parts = dict(corruption=cname, severity=sev, seed=seed, n=n, batch_size=ctx.batch_size)
+            parts["examples"] = ctx.examples_digest(n)
+            out = ctx.cached("corruption", parts, compute, {"correct": (n,)})
+        else:
+            out = compute()
+        acc.setdefault(cname, []).append(float(np.mean(out["correct"])))
     mean = float(np.mean([a for v in acc.values() for a in v])) if acc else None
     per_severity = tuple(float(np.mean([acc[c][i] for c in acc])) for i in range(len(severities)))
     ctx.log(f"corruption mean accuracy {mean:.4f} (n={n})")
@@ -299,12 +368,28 @@ def _trajectory_curve(ctx: Context) -> Curve:
     def correct_per_step(xb, yb):  # [T, B] -> [B, T] so that chunks concatenate over B
         return (jnp.argmax(_common.logits(traj, xb), -1) == yb[None]).T
 
-    corr = ops.run_chunked(correct_per_step, ctx.x, ctx.y, batch_size=ctx.batch_size)
+    n = len(ctx.x)
+    out = ctx.cached(
+        "trajectory",
+        dict(n=n, examples=ctx.examples_digest(n), batch_size=ctx.batch_size),
+        lambda: dict(
+            correct=ops.run_chunked(correct_per_step, ctx.x, ctx.y, batch_size=ctx.batch_size)
+        ),
+        {"correct": None},
+    )
+    corr = np.asarray(out["correct"])
     curve = corr.mean(axis=0)
     ctx.log(f"accuracy along the dynamics at step T={len(curve)}: {curve[-1]:.4f}")
     return Curve(
         steps=tuple(range(1, len(curve) + 1)), accuracy=tuple(float(a) for a in curve), n=len(ctx.x)
     )
+
+
+def _variant_id(var: Classifier) -> str:
+    """A gradient variant's identity for the cache: its name and gradient path (the variants
+    share the evaluated model's weights, which the model's fingerprint covers)."""
+    info = gradient_info(var)
+    return f"{var.name}|{info.mode}|depth={info.gradient_depth}|pred={info.prediction_depth}"
 
 
 def _attack_depth(ctx: Context, key: jax.Array) -> AttackDepth:
@@ -324,6 +409,7 @@ def _attack_depth(ctx: Context, key: jax.Array) -> AttackDepth:
                 n,
                 key=jax.random.fold_in(jax.random.fold_in(key, i), j),
                 attack_logits_fn=var.logits_fn,
+                attack_id=_variant_id(var),
             )
             accs.append(float(corr.mean()))
         info = gradient_info(var)
@@ -380,7 +466,12 @@ def gallery(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
             key=jax.random.fold_in(ctx.key, _GALLERY_KEY),
             return_adv=True,
         )
-    pred_adv = predict(ctx.classifier.logits_fn, x_adv, batch_size=ctx.batch_size)
+    pred_adv = ctx.cached(
+        "predict",
+        dict(examples=array_digest(x_adv), batch_size=ctx.batch_size),
+        lambda: dict(pred=predict(ctx.classifier.logits_fn, x_adv, batch_size=ctx.batch_size)),
+        {"pred": (len(x_adv),)},
+    )["pred"]
     result = Gallery(
         attack=g.attack,
         eps=float(g.eps),
