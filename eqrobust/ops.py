@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -235,6 +237,7 @@ def run_chunked(
     desc: str = "",
     progress: bool = False,
     postfix: Callable[[list[Any]], dict[str, Any]] | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Any:
     """Applies ``fn`` to fixed-size chunks of ``arrays`` and concatenates the results on the host.
 
@@ -252,6 +255,11 @@ def run_chunked(
         progress: show a tqdm bar (unit: examples).
         postfix: ``postfix(outs) -> dict`` shown on the bar after each chunk, where ``outs`` is the
             list of (unpadded, host) chunk results so far.
+        devices: with several, the chunks are made small enough that every device gets one
+            (``chunk_size``), chunk ``i`` is committed to ``devices[i % D]`` and the chunks run
+            concurrently, one thread per device (e.g. XLA:CPU split into host devices, see
+            ``host_devices``); ``fn`` must then place its own committed arrays, e.g. weights,
+            on its chunk's device (``place``). None or one device: one chunk after another.
 
     Returns:
         ``out``'s structure with NumPy leaves ``[N, ...]``.
@@ -267,10 +275,10 @@ def run_chunked(
         )
     if not (isinstance(batch_size, int | np.integer) and batch_size >= 1):
         raise ValueError(f"run_chunked: batch_size must be an int >= 1, got {batch_size!r}.")
-    bs = min(int(batch_size), n)
-    outs: list[Any] = []
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
-    for i, start in enumerate(range(0, n, bs)):
+    devs = list(devices or ())
+    bs = chunk_size(n, batch_size, len(devs))
+
+    def one(i: int, start: int) -> Any:
         m = min(bs, n - start)
         chunks = []
         for a in arrays:
@@ -278,11 +286,42 @@ def run_chunked(
             if m < bs:  # pad with copies of the last example: same shapes, same compiled fn
                 lib = np if isinstance(c, np.ndarray) else jnp
                 c = lib.concatenate([c, lib.repeat(c[-1:], bs - m, axis=0)])
-            chunks.append(jnp.asarray(c))
+            chunks.append(jax.device_put(c, devs[i % len(devs)]) if devs else jnp.asarray(c))
         out = fn(*chunks) if key is None else fn(*chunks, jax.random.fold_in(key, i))
-        outs.append(jax.tree.map(lambda o, m=m: np.asarray(o)[:m], jax.device_get(out)))
-        bar.update(m)
-        if postfix is not None:
-            bar.set_postfix(postfix(outs))
+        return jax.tree.map(lambda o: np.asarray(o)[:m], jax.device_get(out))
+
+    starts = list(range(0, n, bs))
+    outs: list[Any] = []
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    with ThreadPoolExecutor(max(len(devs), 1)) if len(devs) > 1 else nullcontext() as pool:
+        results = (
+            pool.map(one, range(len(starts)), starts)  # in order, as each finishes
+            if pool is not None
+            else (one(i, start) for i, start in enumerate(starts))
+        )
+        for start, out in zip(starts, results, strict=True):
+            outs.append(out)
+            bar.update(min(bs, n - start))
+            if postfix is not None:
+                bar.set_postfix(postfix(outs))
     bar.close()
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+def chunk_size(n: int, batch_size: int, num_devices: int = 1) -> int:
+    """The chunk size `run_chunked` uses for n examples: batch_size, capped at n and, with
+    several devices, at ceil(n / num_devices) so that every device gets a chunk."""
+    bs = min(int(batch_size), n)
+    return min(bs, -(-n // num_devices)) if num_devices > 1 else bs
+
+
+def place(tree: Any, device: jax.Device) -> Any:
+    """`tree` with its jax arrays copied to `device` (other leaves, e.g. functions, unchanged)."""
+    return jax.tree.map(
+        lambda v: jax.device_put(v, device) if isinstance(v, jax.Array) else v, tree
+    )
+
+
+def device_of(x: jax.Array) -> jax.Device:
+    """The one device holding `x`."""
+    return next(iter(x.devices()))

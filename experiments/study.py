@@ -9,7 +9,11 @@ import matplotlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eqrobust import report, study
+from eqrobust import host
+
+host.split_cpu()  # before JAX starts: an evaluation's attack chunks use every core
+
+from eqrobust import report, study  # noqa: E402
 
 matplotlib.use("Agg")  # files only; the library itself never picks a backend
 

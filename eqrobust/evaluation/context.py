@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,10 +29,46 @@ def _jitted_argmax(logits_fn: LogitsFn) -> Callable[[Array], Array]:
     return lambda x: jnp.argmax(_common.logits(logits_fn, x), axis=-1)
 
 
-def predict(logits_fn: LogitsFn, x: np.ndarray, *, batch_size: int = 250) -> np.ndarray:
-    """Predicted labels of `logits_fn` on `x: [N, H, W, C]` in chunks -> `[N]` int."""
-    fn = _jitted_argmax(logits_fn)
-    return ops.run_chunked(fn, np.asarray(x), batch_size=batch_size)
+def predict(
+    logits_fn: LogitsFn,
+    x: np.ndarray,
+    *,
+    batch_size: int = 250,
+    devices: Sequence[jax.Device] = (),
+) -> np.ndarray:
+    """Predicted labels of `logits_fn` on `x: [N, H, W, C]` in chunks -> `[N]` int (chunks run
+    concurrently on several `devices`, see `ops.run_chunked`)."""
+    placed = _Placed(devices, logits_fn)
+    return ops.run_chunked(
+        lambda xb: _jitted_argmax(placed.on(xb))(xb), np.asarray(x), batch_size=batch_size,
+        devices=devices,
+    )  # fmt: skip
+
+
+class _Placed:
+    """`tree` (functions with weights, settings) copied once to each device that asks for it,
+    so a chunk on device d runs with d's copy (`ops.run_chunked(devices=...)`)."""
+
+    def __init__(self, devices: Sequence[jax.Device], tree: Any):
+        self.tree, self.multi = tree, len(devices) > 1
+        self.copies: dict[int, Any] = {}
+        self.lock = threading.Lock()
+
+    def on(self, xb: Array) -> Any:
+        if not self.multi:
+            return self.tree
+        dev = ops.device_of(xb)
+        with self.lock:
+            if dev.id not in self.copies:
+                self.copies[dev.id] = ops.place(self.tree, dev)
+            return self.copies[dev.id]
+
+
+def eval_devices() -> tuple[jax.Device, ...]:
+    """The devices an evaluation splits its chunks over: every local device of the default
+    backend when there are several (e.g. XLA:CPU split by `ops.host_devices`), else none."""
+    devs = tuple(jax.local_devices())
+    return devs if len(devs) > 1 else ()
 
 
 def gradient_info(classifier: Classifier) -> GradientInfo:
@@ -81,6 +118,8 @@ class Context:
         correct: robust-correct masks per (attack, strength), for comparisons across attacks.
         gallery_adv: adversarials of the gallery images when the attack grid produced them.
         stage_seconds: sub-stage timings ("attacks.<name>"), merged into the result's seconds.
+        devices: the chunks of an attack or prediction run concurrently on these (several
+            host devices on XLA:CPU, `eval_devices()`); empty: one chunk after another.
         cache: where attack cells and corruption results are stored and reused (None: nothing
             is stored; see `eqrobust.evaluation.cache`).
     """
@@ -101,6 +140,7 @@ class Context:
     # Finer timings than one per stage ("attacks.pgd_l2": seconds), added to the result's.
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     cache: EvalCache | None = None
+    devices: tuple[jax.Device, ...] = ()
     _digests: dict[int, str] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -166,14 +206,16 @@ class Context:
         """
         spec = registry.get(name)
         attack_fn = attack_logits_fn or self.classifier.logits_fn
-        judge = _jitted_argmax(self.classifier.logits_fn)
         sampler = self.classifier.sample_logits_fn
         eot = bool(spec.eot and sampler is not None and attack_logits_fn is None)
         run_settings = {**settings, "sample_logits_fn": sampler} if eot else settings
 
+        placed = _Placed(self.devices, (attack_fn, self.classifier.logits_fn, run_settings))
+
         def fn(xb, yb, k):
-            x_adv = spec.run(attack_fn, xb, yb, key=k, value=value, **run_settings)
-            return judge(x_adv) == yb, x_adv
+            a_fn, p_fn, kw = placed.on(xb)
+            x_adv = spec.run(a_fn, xb, yb, key=k, value=value, **kw)
+            return _jitted_argmax(p_fn)(x_adv) == yb, x_adv
 
         def compute() -> dict[str, np.ndarray]:
             ok, x_adv = ops.run_chunked(
@@ -184,6 +226,7 @@ class Context:
                 key=key,
                 desc=f"{spec.label} {spec.param}={value:.4g}",
                 progress=self.progress,
+                devices=self.devices,
             )
             return dict(ok=ok, x_adv=x_adv) if return_adv else dict(ok=ok)
 
@@ -203,6 +246,8 @@ class Context:
                 gradient="classifier" if attack_logits_fn is None else attack_id,
                 eot=eot,
                 batch_size=self.batch_size,
+                # The chunks fold their index into the key: another chunking, another result.
+                chunk=ops.chunk_size(n, self.batch_size, len(self.devices)),
             )
             out = self.cached("attack", parts, compute, required)
         correct = np.asarray(out["ok"], bool) & self.clean_correct[:n]

@@ -16,7 +16,7 @@ from eqrobust.classifier import Classifier
 from eqrobust.evaluation import health, stages
 from eqrobust.evaluation.cache import EvalCache
 from eqrobust.evaluation.config import check_config, default_config
-from eqrobust.evaluation.context import Context, check_data, gradient_info
+from eqrobust.evaluation.context import Context, check_data, eval_devices, gradient_info
 from eqrobust.results import ModelResult, StudyResults
 
 
@@ -55,6 +55,7 @@ def make_context(
         num_test=total,
         key=jax.random.key(config.seed),
         cache=cache,
+        devices=eval_devices(),
         **kwargs,
     )
 

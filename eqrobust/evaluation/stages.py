@@ -63,7 +63,11 @@ def clean(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     out = ctx.cached(
         "clean",
         dict(n=n, examples=ctx.examples_digest(n), batch_size=ctx.batch_size),
-        lambda: dict(pred=predict(ctx.classifier.logits_fn, ctx.x, batch_size=ctx.batch_size)),
+        lambda: dict(
+            pred=predict(
+                ctx.classifier.logits_fn, ctx.x, batch_size=ctx.batch_size, devices=ctx.devices
+            )
+        ),
         {"pred": (n,)},
     )
     ctx.clean_pred = np.asarray(out["pred"])
@@ -338,7 +342,9 @@ def corruptions(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
 
         def compute(cname=cname, sev=sev, seed=seed):
             xc = np.asarray(corrupt(xs, cname, sev, seed=seed), dtype=np.float32)
-            pred = predict(ctx.classifier.logits_fn, xc, batch_size=ctx.batch_size)
+            pred = predict(
+                ctx.classifier.logits_fn, xc, batch_size=ctx.batch_size, devices=ctx.devices
+            )
             return dict(correct=pred == ys)
 
         if ctx.corrupt is None:  # the library's corruptions: their code is in the cache's key
@@ -469,7 +475,11 @@ def gallery(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
     pred_adv = ctx.cached(
         "predict",
         dict(examples=array_digest(x_adv), batch_size=ctx.batch_size),
-        lambda: dict(pred=predict(ctx.classifier.logits_fn, x_adv, batch_size=ctx.batch_size)),
+        lambda: dict(
+            pred=predict(
+                ctx.classifier.logits_fn, x_adv, batch_size=ctx.batch_size, devices=ctx.devices
+            )
+        ),
         {"pred": (len(x_adv),)},
     )["pred"]
     result = Gallery(
