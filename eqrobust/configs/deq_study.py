@@ -7,7 +7,8 @@ Run:
 The argument is `scale[,ep][,model key...]`; `ep` adds the EP-CNN (the robustness study's
 cpu/paper EP-CNN config, so one trained EP-CNN serves both studies) under the same intermediate
 attacks on its free-phase trajectory (off by default at smoke and cpu); model keys keep only those
-DEQs. `make demo` runs `cpu,ep,pgd_at` beside the EP study, loading the EP-CNN that study trained.
+DEQs. `make deq-demo` runs `cpu,ep` on the EP-CNN `make demo` trained (`cpu,ep,pgd_at` after
+the EP study measured 36.5 min for both, BUILD_NOTES "DEQ study").
 
 Every scale attacks with the DEQ papers' threat model: Linf eps 8/255, PGD-10 with step 2/255
 (also the early-state selection) and entropy reduction with the paper's T_f = 2, R = 10, 8/255,
@@ -20,7 +21,8 @@ Scales:
            images, grid K in {2}, R = 2, Square 20 queries, each defence-attack code path once;
            plumbing only, a few minutes (tests/test_deq_study.py).
     cpu    Fashion-MNIST, the DEQ cpu architecture (16/32 channels, 8 Broyden steps, phantom
-           gradient), clean and PGD-AT (eps 0.1, 3 x 0.04) DEQs. Cuts against `deq.py:cpu`, to fit
+           gradient), clean and PGD-AT (eps 0.1, 3 x 0.04) DEQs; on request (model key
+           `pgd_at_rand`) the PGD-AT DEQ with the random-intermediate loss, same budget. Cuts against `deq.py:cpu`, to fit
            the 2-core machine: 3000 training + 500 validation images (not 16000 + 4000), batch
            64, 40 training steps for the clean DEQ and 25 for PGD-AT (not 3 epochs), 20
            pretraining steps (not 100), validation PGD on 50 images; evaluation on 32 test images
@@ -117,8 +119,11 @@ def _models(scale: str) -> tuple[dict, tuple[str, ...]]:
                     models[f"{obj}_{rand}_{grad}"] = deq.get_config(f"paper,{obj},{rand},{grad}")
         return models, tuple(models)
     models = {k: deq.get_config(f"{scale},{k},phantom") for k in ("clean", "pgd_at")}
+    if scale == "cpu":  # on request only (`cpu,pgd_at,pgd_at_rand`): does the RI loss help?
+        models["pgd_at_rand"] = deq.get_config("cpu,pgd_at,rand,phantom")
+    names = dict(clean="DEQ-clean", pgd_at="DEQ-PGD-AT", pgd_at_rand="DEQ-PGD-AT+RI")
     for k, m in models.items():
-        m.name = f"DEQ-{'PGD-AT' if k == 'pgd_at' else 'clean'}"
+        m.name = names[k]
         if scale == "smoke":
             m.model.f_max_iter = 3
             m.model.grad = 2
@@ -129,7 +134,7 @@ def _models(scale: str) -> tuple[dict, tuple[str, ...]]:
         else:  # cpu cuts, see the module docstring
             m.num_train, m.num_val = 3500, 500
             m.batch_size = 64
-            m.num_steps = 40 if k == "clean" else 25
+            m.num_steps = 40 if k == "clean" else 25  # PGD-AT: (1 + 3) x a clean step
             m.pretrain_steps = 20
             m.log_every_steps = 10
             m.val.pgd_examples = 50

@@ -120,7 +120,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         c.ep_analysis.bptt_depths = (5, 10)
         e.batch_size = 250
         e.num_examples = 1000  # clean accuracy and corruption base set
-        e.pgd_l2.num_examples = 100  # 200 before the DEQ side joined the demo
+        e.pgd_l2.num_examples = 100  # 200 until the fifth session: room for the DEQ side
         e.pgd_linf.num_examples = 100
         # PGD that converges (check (c): 5x the steps changes <= 1 of 100 examples on the
         # trained BP-CNN and EP-CNN): 50 steps of eps/4 instead of 20 of eps/8, about the cost
