@@ -62,7 +62,7 @@ def _strength_axis(ax: Any, param: str, norm: str) -> bool:
     linf = param == "eps" and norm == "linf"
     if param == "c":
         ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_xlabel("C&W initial constant c (not a budget)")
+        ax.set_xlabel("C&W constant c (not a budget)")
     else:
         ax.set_xlabel("ε (× 1/255)" if linf else "ε (L2)")
     return linf
