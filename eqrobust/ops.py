@@ -257,9 +257,10 @@ def run_chunked(
             list of (unpadded, host) chunk results so far.
         devices: with several, the chunks are made small enough that every device gets one
             (``chunk_size``), chunk ``i`` is committed to ``devices[i % D]`` and the chunks run
-            concurrently, one thread per device (e.g. XLA:CPU split into host devices, see
-            ``host_devices``); ``fn`` must then place its own committed arrays, e.g. weights,
-            on its chunk's device (``place``). None or one device: one chunk after another.
+            concurrently, one thread per device (e.g. XLA:CPU split into host devices by
+            ``eqrobust.host.split_cpu``); ``fn`` must then place its own committed arrays, e.g.
+            weights, on its chunk's device (``place``). None or one device: one chunk after
+            another.
 
     Returns:
         ``out``'s structure with NumPy leaves ``[N, ...]``.

@@ -66,7 +66,7 @@ class _Placed:
 
 def eval_devices() -> tuple[jax.Device, ...]:
     """The devices an evaluation splits its chunks over: every local device of the default
-    backend when there are several (e.g. XLA:CPU split by `ops.host_devices`), else none."""
+    backend when there are several (e.g. XLA:CPU split by `eqrobust.host.split_cpu`), else none."""
     devs = tuple(jax.local_devices())
     return devs if len(devs) > 1 else ()
 
