@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -79,8 +80,9 @@ def main() -> None:
             load = os.getloadavg()[0]
             print(f"{count} device(s): {out[1]} s wall, {out[2]} s CPU; load {load:.1f}")
     for count, r in rows.items():
-        wall = sorted(w for w, _ in r)
-        print(f"{count} device(s): median wall {wall[len(wall) // 2]:.2f} s over {len(r)} rounds")
+        wall = [w for w, _ in r]
+        print(f"{count} device(s): median wall {statistics.median(wall):.2f} s, range "
+              f"{min(wall):.2f}-{max(wall):.2f} s over {len(r)} rounds")  # fmt: skip
 
 
 if __name__ == "__main__":
