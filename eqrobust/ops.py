@@ -294,7 +294,7 @@ def run_chunked(
     starts = list(range(0, n, bs))
     outs: list[Any] = []
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
-    with ThreadPoolExecutor(max(len(devs), 1)) if len(devs) > 1 else nullcontext() as pool:
+    with ThreadPoolExecutor(len(devs)) if len(devs) > 1 else nullcontext() as pool:
         results = (
             pool.map(one, range(len(starts)), starts)  # in order, as each finishes
             if pool is not None

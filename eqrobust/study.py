@@ -23,6 +23,7 @@ from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.cost import inference_cost
 from eqrobust.evaluation import evaluate_classifier
 from eqrobust.evaluation.cache import EvalCache, Uncacheable, array_digest, model_fingerprint
+from eqrobust.evaluation.context import predict
 from eqrobust.evaluation.runner import make_context
 from eqrobust.profiling import compile_seconds
 from eqrobust.results import StudyResults
@@ -270,10 +271,7 @@ def _inference_costs(
     rows, teacher_pred = [], None
     for r in chosen:
         c = inference_cost(r.classifier, x, batch_size=bs, repeats=int(ic.repeats))
-        fn = jax.jit(r.classifier.logits_fn)
-        pred = np.concatenate(
-            [np.argmax(np.asarray(fn(x[i : i + bs])), -1) for i in range(0, len(x), bs)]
-        )
+        pred = predict(r.classifier.logits_fn, np.asarray(x), batch_size=bs)
         teacher_pred = pred if teacher_pred is None else teacher_pred
         ips0 = rows[0]["images_per_s"] if rows else c["images_per_s"]
         rows.append(
