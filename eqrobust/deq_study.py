@@ -15,22 +15,26 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax import lax
 from tqdm.auto import tqdm
 
 from eqrobust import data as data_lib
 from eqrobust import defenses as D
+from eqrobust import ops
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import autoattack, pgd, square
 from eqrobust.attacks import intermediate as I
 from eqrobust.classifier import Classifier, Dynamics
 from eqrobust.ep import ep_dynamics
+from eqrobust.evaluation.context import eval_devices
 from eqrobust.evaluation.health import check_gradient_probe
 from eqrobust.evaluation.probes import gradient_path_probes
 from eqrobust.models.deq import DEQNet, deq_dynamics
@@ -293,25 +297,26 @@ def _gradient_checks(
     return dataclasses.replace(d, gradient_checks=checks)
 
 
-def _attack_defense(
+def _defense_row(
     name: str,
     model: DEQNet,
-    dyn: Dynamics,
-    x_adv_final: dict[str, np.ndarray],
+    x_adv_final: Callable[[], dict[str, np.ndarray]],
     s: _Setup,
     attacks: tuple[str, ...],
     bar: tqdm,
     early_index: int,
     timing: dict[str, float],
 ) -> DefenseResult:
-    """One defence: transfer of the final-DEQ attacks, attacks judged on it, adaptive, Square."""
+    """One defence: its own attacks (judged on it), adaptive, Square, then the transfer of the
+    final-DEQ attacks (`x_adv_final()`: called last, so that the defence's own attacks can run
+    in another lane while the final-state attacks are still running), then check (d) of its
+    gradient paths. Timing gets "<name>: <attack>", "defence <name>" and its gradient checks."""
+    t_row = time.perf_counter()
+    dyn = deq_dynamics(model)
     er_cfg = D.EntropyReduction(**dict(s.a.entropy_reduction))
     clf, predict = _defense_fns(name, model, er_cfg, early_index)
     clean_ok = _correct(predict, s.x, s.y)
-    tr = _transfer(predict, x_adv_final, s)
     robust: dict[str, np.ndarray] = {}
-    if "pgd" in tr:
-        robust["pgd"] = tr["pgd"]  # PGD on the final state, transferred (the papers' protocol)
     grid = None
     for i, att in enumerate(attacks):
         bar.set_postfix_str(f"{name}: {att}")
@@ -339,12 +344,22 @@ def _attack_defense(
         elif att != "transfer":
             raise ValueError(f"unknown defence attack {att!r}")
         timing[f"{name}: {att}"] = time.perf_counter() - t0
+    tr = _transfer(predict, x_adv_final(), s)
+    if "pgd" in tr:  # PGD on the final state, transferred (the papers' protocol): first column
+        robust = {"pgd": tr["pgd"], **robust}
     if tr:
         robust["transfer"] = np.logical_and.reduce(list(tr.values()))
     note = f"z_{early_index} (selected on validation)" if name == "early" else ""
     if name == "entropy":
         note = f"T_f={er_cfg.t_f}, R={er_cfg.r}, eps={er_cfg.eps:.4f}, alpha={er_cfg.alpha:.4f}"
-    return _defense_result(name, clean_ok, robust, grid, note)
+    res = _defense_result(name, clean_ok, robust, grid, note)
+    timing[f"defence {name}"] = time.perf_counter() - t_row
+    t0 = time.perf_counter()
+    bar.set_postfix_str(f"{name}: gradient checks (d)")
+    res = _gradient_checks(res, predict, _gradient_paths(res, dyn, clf, model, s), s)
+    timing[f"gradient checks (d): {name}"] = time.perf_counter() - t0
+    bar.update()
+    return res
 
 
 @jax.jit
@@ -383,26 +398,57 @@ def _dynamics(
     )
 
 
+def _on_device(model: DEQNet, device: jax.Device) -> DEQNet:
+    """A copy of `model` whose arrays live on `device` (its programs then run there)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, ops.place(state, device))
+
+
 def _evaluate_model(
-    key: str, trained: Trained, ds: data_lib.Dataset, s: _Setup, config: ml_collections.ConfigDict
+    key: str,
+    trained: Trained,
+    s: _Setup,
+    config: ml_collections.ConfigDict,
+    lane: tuple[ThreadPoolExecutor, jax.Device] | None = None,
 ) -> DeqModelResult:
-    """All measurements of one trained DEQ."""
+    """All measurements of one trained DEQ.
+
+    With a second lane (an executor and its host device), the entropy-reduction row (its own
+    attacks cost about as much as all the others) runs there on a copy of the model, beside the
+    final-state attacks and the other defences; its transfer row waits for the final-state
+    x_adv. The numbers are those of the serial run: every attack has its own key and inputs.
+    """
     timing: dict[str, float] = {}
     c0 = compile_seconds()
     model = deq_model(trained)
     dyn = deq_dynamics(model)
     final = trained.classifier.logits_fn
     defenses = [d for d in config.defenses if d != "final"]
+    defense_order = tuple(defenses)
     attacks = tuple(config.final_attacks)
     bar = tqdm(total=2 + len(defenses), desc=f"DEQ study {trained.config.name}", leave=False)
+    final_x_adv: Future = Future()
+    aside = {}
+    if lane is not None and "entropy" in defenses:
+        defenses.remove("entropy")
+        er_attacks = tuple(config.defense_attacks["entropy"])
+        aside["entropy"] = lane[0].submit(
+            _defense_row, "entropy", _on_device(model, lane[1]), final_x_adv.result, s,
+            er_attacks, bar, -1, timing,
+        )  # fmt: skip
     t0 = time.perf_counter()
-    final_res, x_adv = _attack_final(dyn, final, s, attacks, bar, timing)
+    try:
+        final_res, x_adv = _attack_final(dyn, final, s, attacks, bar, timing)
+    except BaseException as e:  # the lane must not wait forever for x_adv
+        final_x_adv.set_exception(e)
+        raise
+    final_x_adv.set_result(x_adv)
     timing["attacks on the final state"] = time.perf_counter() - t0
     bar.set_postfix_str("gradient checks (d)")
     t0 = time.perf_counter()
     paths = _gradient_paths(final_res, dyn, trained.classifier, model, s)
     final_res = _gradient_checks(final_res, final, paths, s)
-    timing["gradient checks (d)"] = time.perf_counter() - t0
+    timing["gradient checks (d): final"] = time.perf_counter() - t0
     bar.update()
     t0 = time.perf_counter()
     bar.set_postfix_str("early-state selection")
@@ -410,20 +456,11 @@ def _evaluate_model(
         model, s.x_val, s.y_val, key=jax.random.fold_in(s.key, 7), **_pgd_kw(s.a)
     )
     timing["early-state selection"] = time.perf_counter() - t0
-    results = [final_res]
+    rows = {"final": final_res}
     for name in defenses:
-        t0 = time.perf_counter()
         att = tuple(config.defense_attacks[name])
-        res = _attack_defense(name, model, dyn, x_adv, s, att, bar, sel.index, timing)
-        timing[f"defence {name}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        bar.set_postfix_str(f"{name}: gradient checks (d)")
-        er_cfg = D.EntropyReduction(**dict(s.a.entropy_reduction))
-        clf, predict = _defense_fns(name, model, er_cfg, sel.index)
-        res = _gradient_checks(res, predict, _gradient_paths(res, dyn, clf, model, s), s)
-        timing["gradient checks (d)"] += time.perf_counter() - t0
-        results.append(res)
-        bar.update()
+        rows[name] = _defense_row(name, model, lambda: x_adv, s, att, bar, sel.index, timing)
+    rows.update({k: f.result() for k, f in aside.items()})
     t0 = time.perf_counter()
     dynamics = _dynamics(dyn, s, x_adv, "pgd")
     timing["dynamics analyses"] = time.perf_counter() - t0
@@ -437,24 +474,30 @@ def _evaluate_model(
         early_index=int(sel.index),
         early_val_robust=tuple(float(v) for v in sel.robust_accuracy),
         early_val_clean=tuple(float(v) for v in sel.clean_accuracy),
-        defenses=tuple(results),
+        defenses=tuple(rows[k] for k in ("final", *defense_order) if k in rows),
         dynamics=dynamics,
         timing=timing,
     )
 
 
 def _evaluate_ep(
-    cfg: ml_collections.ConfigDict, workdir: str, s: _Setup, seed: int
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    s: _Setup,
+    seed: int,
+    device: jax.Device | None = None,
 ) -> tuple[EpResult, float]:
-    """The EP-CNN's free phase under final-state PGD and the intermediate attacks."""
+    """The EP-CNN's free phase under final-state PGD and the intermediate attacks (on `device`
+    when given: its weights are copied there, so its programs run there)."""
     t0 = time.perf_counter()
     trained = get_trainer(cfg.trainer)(cfg, workdir)
     ds = load_data(trained.config)
     x, y = fixed_subset(ds, int(len(s.x)), seed)
     es = dataclasses.replace(s, x=x, y=y)
-    params = trained.state["params"]
+    params, final = trained.state["params"], trained.classifier.logits_fn
+    if device is not None:
+        params, final = ops.place((params, final), device)
     dyn = ep_dynamics(params, ep_train.build_ep_config(trained.config, ds))
-    final = trained.classifier.logits_fn
     clean_ok = _correct(final, x, y)
     robust, grid = {}, None
     for i, name in enumerate(("pgd", "intermediate", "ensemble")):
@@ -510,6 +553,22 @@ def run_deq_study(
     ds = load_data(config.models[keys[0]])
     s = _setup(config, ds, config.models[keys[0]])
     timing: dict[str, float] = {}
+    # Two lanes when XLA:CPU is split into host devices (`host.split_cpu`): the EP-CNN and each
+    # DEQ's entropy-reduction row run on the last device beside the rest. Their attacks are small
+    # while loops that keep about one core busy each, and a lane fills the other core while one
+    # compiles; the results are the serial run's (each attack has its own key and inputs).
+    devices = eval_devices()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="deq-lane") if devices else None
+    lane = (pool, devices[-1]) if pool is not None else None
+    ep_job = None
+    if config.get("ep_model", None) is not None:
+        ep_args = (
+            config.ep_model,
+            config.get("ep_workdir", None) or os.path.join(workdir, "ep_cnn"),
+            s,
+            int(config.subset_seed),
+        )
+        ep_job = pool.submit(_evaluate_ep, *ep_args, devices[-1]) if pool else None
     models = []
     for key in tqdm(keys, desc="DEQ study models"):
         cfg = config.models[key]
@@ -519,16 +578,14 @@ def run_deq_study(
         trained = get_trainer(cfg.trainer)(cfg, os.path.join(workdir, key))
         timing[f"train-or-load {cfg.name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        models.append(_evaluate_model(key, trained, ds, s, config))
+        models.append(_evaluate_model(key, trained, s, config, lane))
         timing[f"evaluate {cfg.name}"] = time.perf_counter() - t0
     ep_res = None
     if config.get("ep_model", None) is not None:
-        ep_res, timing["EP-CNN train-or-load + attacks"] = _evaluate_ep(
-            config.ep_model,
-            config.get("ep_workdir", None) or os.path.join(workdir, "ep_cnn"),
-            s,
-            int(config.subset_seed),
-        )
+        ep_out = ep_job.result() if ep_job is not None else _evaluate_ep(*ep_args)
+        ep_res, timing["EP-CNN train-or-load + attacks"] = ep_out
+    if pool is not None:
+        pool.shutdown()
     timing["total before report"] = time.perf_counter() - t_start
     timing["of which compilation"] = compile_seconds() - c_start
     meta = dict(
@@ -539,6 +596,7 @@ def run_deq_study(
         num_val=int(len(s.x_val)),
         attack=config.attack.to_dict(),
         timing=timing,
+        lanes=2 if pool is not None else 1,
     )
     results = DeqStudyResults(models=tuple(models), ep=ep_res, meta=meta)
     out = workdir if out_dir is None else out_dir

@@ -10,8 +10,12 @@ import matplotlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eqrobust import deq_study
-from eqrobust.report import deq as deq_report
+from eqrobust import host
+
+host.split_cpu()  # before JAX starts: two lanes of attacks on the two cores (eqrobust.deq_study)
+
+from eqrobust import deq_study  # noqa: E402
+from eqrobust.report import deq as deq_report  # noqa: E402
 
 matplotlib.use("Agg")  # files only; the library itself never picks a backend
 

@@ -180,3 +180,50 @@ def test_config_model_keys_select_models_and_typos_raise():
     assert deq_study_config.get_config("cpu").model_order == ("clean", "pgd_at")
     with pytest.raises(ValueError, match="pgd_att"):
         deq_study_config.get_config("cpu,pgd_att")
+
+
+# Runs in a fresh process with two host devices (the count is fixed when JAX starts).
+_LANE_SCRIPT = """
+import jax, jax.numpy as jnp
+from flax import nnx
+from tqdm import tqdm
+from eqrobust import deq_study as S, ops
+from eqrobust.configs import deq_study as cfgs
+from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier
+
+devs = jax.devices()
+assert len(devs) == 2, devs
+m = DEQNet(in_shape=(12, 12, 1), num_classes=3, channels=(4, 8), expansion=2, num_groups=2,
+           dropout=0.0, head_channels=(2, 4), final_channels=8, stem_strides=(2,),
+           solver=DEQSolver(f_max_iter=4, f_tol=1e-3), rngs=nnx.Rngs(0))
+m.eval()
+m.head.fc.bias.value = jnp.array([0.0, 0.0, 0.27])  # classes 1 and 2 near a tie: attacks break some
+a = cfgs.get_config("smoke").attack
+a.queries, a.eps = 20, 0.1
+x = jax.random.uniform(jax.random.PRNGKey(1), (8, 12, 12, 1))
+y = jnp.argmax(deq_classifier(m).logits_fn(x), -1)  # right on clean x: attacks have work
+s = S._Setup(x, y, x, y, a, jax.random.PRNGKey(3))
+rows = []
+for model in (m, S._on_device(m, devs[1])):
+    dev = {ops.device_of(v) for v in jax.tree.leaves(nnx.state(model))}
+    bar = tqdm(disable=True)
+    rows.append(S._defense_row("entropy", model, dict, s, ("square",), bar, -1, {}))
+    rows[-1] = (rows[-1], dev)
+(serial, d0), (lane, d1) = rows
+assert d0 == {devs[0]} and d1 == {devs[1]}, (d0, d1)
+assert serial == lane, (serial, lane)
+assert 0 < serial.attacks["square"].accuracy < serial.clean.accuracy  # a real comparison
+print("OK")
+"""
+
+
+def test_a_lane_on_the_second_device_gives_the_serial_row():
+    """The entropy-reduction row run on a copy of the DEQ on host device 1 (the study's second
+    lane) equals the row on device 0, attack for attack."""
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _LANE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

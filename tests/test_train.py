@@ -95,6 +95,29 @@ def test_epoch_hook_keeps_one_compiled_step_and_records_its_rows(tmp_path):
     assert rows[-1]["val_w"] == pytest.approx(float(res.state["w"]))
 
 
+def test_eval_every_epochs_zero_never_evaluates_the_test_split(tmp_path):
+    from eqrobust import data as data_lib
+
+    ds = data_lib.synthetic(num_train=24, num_test=8, shape=(4, 4, 1), num_classes=3)
+    evals = []
+
+    def logits(state, x):
+        evals.append(1)  # traced once per compilation: any test evaluation traces it
+        return x.reshape(len(x), -1)[:, :3]
+
+    def step(state, x, y, key):
+        return state, {"loss": jnp.mean(x)}
+
+    kw = dict(data=ds, init_state={"w": jnp.zeros(())}, train_step=step, eval_logits=logits)
+    for every, want in ((0, False), (1, True)):
+        evals.clear()
+        cfg = smoke_config(num_epochs=2, batch_size=8, eval_every_epochs=every)
+        res = loop.fit(config=cfg, workdir=tmp_path / str(every), **kw)
+        assert bool(evals) is want
+        assert [("test_accuracy" in r) for r in res.history] == [want] * (2 if want else 1)
+        assert res.history[-1]["step"] == 6 and "train_loss" in res.history[-1]
+
+
 def test_nan_loss_stops_with_message(tmp_path):
     cfg = smoke_config(num_epochs=1)
     cfg.optimizer.lr = 1e30

@@ -268,7 +268,8 @@ def fit(
 
     Args:
         config: uses seed, batch_size, num_epochs, num_steps (optional, overrides epochs),
-            augment.{crop_padding, pad_mode, flip} (optional), eval_every_epochs,
+            augment.{crop_padding, pad_mode, flip} (optional), eval_every_epochs (0: no test
+            accuracy at all, e.g. when the caller measures it on its own selected model),
             checkpoint_every_steps (default: once per epoch), keep_checkpoints, log_every_steps,
             eval_batch_size, name (progress bar label).
         workdir: where checkpoints/ and metrics.jsonl go; None trains without saving.
@@ -333,19 +334,19 @@ def fit(
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
                 bar.set_postfix(loss=f"{loss:.4f}")
-            done_epoch = last_of_epoch and (step // spe) % eval_every == 0
+            done_epoch = eval_every > 0 and last_of_epoch and (step // spe) % eval_every == 0
             if done_epoch or step == total:
                 row = {"step": step, "epoch": step / spe, "time_s": round(time.time() - t0, 2)}
                 row.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
-                row["test_accuracy"] = accuracy(
-                    lambda x: eval_jit(state, x), data.x_test, data.y_test, batch_size=eval_bs
-                )
+                msg = f"{name} step {step} epoch {row['epoch']:.2f}:"
+                if eval_every > 0:
+                    row["test_accuracy"] = accuracy(
+                        lambda x: eval_jit(state, x), data.x_test, data.y_test, batch_size=eval_bs
+                    )
+                    msg += f" test acc {row['test_accuracy']:.4f},"
                 store.record(row)
                 logging.info("step %d: %s", step, row)
-                bar.write(
-                    f"{name} step {step} epoch {row['epoch']:.2f}: test acc "
-                    f"{row['test_accuracy']:.4f}, train loss {row.get('train_loss', 0):.4f}"
-                )
+                bar.write(f"{msg} train loss {row.get('train_loss', 0):.4f}")
                 sums, count = {}, 0
             if on_epoch_end is not None and (last_of_epoch or step == total):
                 store.record({"step": step, "epoch": step / spe, **on_epoch_end(step, state)})
