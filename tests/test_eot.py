@@ -262,3 +262,45 @@ def test_evaluation_passes_the_classifiers_sampler_to_eot_attacks(monkeypatch):
     got = [c.get("sample_logits_fn") for c in calls]
     assert got == [None, sample, sample, None]
     assert calls[2]["version"] == "rand" and calls[2]["steps"] == 5 and calls[2]["norm"] == "l2"
+
+
+def test_a_randomised_classifier_also_gets_autoattack_rand_on_the_same_points(monkeypatch):
+    """The attacks stage adds AutoAttack's rand version (EOT, its own settings) beside the
+    configured standard AutoAttack for a classifier with a sampler, on the standard entry's grid
+    and examples; a deterministic classifier gets none (attacks stubbed: they record calls)."""
+    from eqrobust.evaluation import stages
+
+    f, sample, x, y = noisy_multiclass(n=8)
+    calls = []
+
+    def recorder(fn, x_, y_, **kw):
+        calls.append(dict(kw, n=len(x_)))
+        return types.SimpleNamespace(x_adv=x_)
+
+    monkeypatch.setattr(registry, "autoattack", recorder)
+    config = evaluation.default_config()
+    config.progress, config.batch_size, config.attacks = False, 8, ("autoattack_linf",)
+    config.autoattack_linf.update(dict(grid=(0.03, 0.05), num_examples=6, large=None))
+    config.autoattack_rand_linf.settings.update(dict(steps=7, eot_iter=3))
+    got = {}
+    for name, clf in (
+        ("noisy", Classifier(f, "noisy", randomized=True, sample_logits_fn=sample)),
+        ("plain", Classifier(f, "plain")),
+    ):
+        calls.clear()
+        ctx = evaluation.Context(clf, config, np.asarray(x), np.asarray(y), 8, jax.random.key(0))
+        ctx.clean_correct = np.asarray(jnp.argmax(f(x), -1) == y)
+        got[name] = (stages.attacks(ctx, {})["attacks"], list(calls))
+    res, calls = got["noisy"]
+    assert list(res) == ["autoattack_linf", "autoattack_rand_linf"]
+    std, rand = res["autoattack_linf"], res["autoattack_rand_linf"]
+    assert rand.values == std.values == (0.03, 0.05) and rand.n == std.n == 6
+    # only the rand version is stubbed (the standard spec binds autoattack at import and runs)
+    assert [(c["version"], c["n"], c["eps"]) for c in calls] == [
+        ("rand", 6, 0.03),
+        ("rand", 6, 0.05),
+    ]
+    assert all(c["sample_logits_fn"] is sample for c in calls)
+    assert calls[0]["steps"] == 7 and calls[0]["eot_iter"] == 3
+    res, calls = got["plain"]
+    assert list(res) == ["autoattack_linf"] and calls == []

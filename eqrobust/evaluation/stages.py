@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -82,10 +83,12 @@ def _wants_gallery(ctx: Context, name: str, value: float) -> bool:
     return name == g.attack and math.isclose(value, float(g.eps)) and int(g.num_images) > 0
 
 
-def _attack_one(ctx: Context, a_i: int, name: str) -> AttackResult:
+def _attack_one(
+    ctx: Context, a_i: int, name: str, acfg: ml_collections.ConfigDict | None = None
+) -> AttackResult:
     t0 = time.perf_counter()
     spec = registry.get(name)
-    acfg = ctx.config[name]
+    acfg = ctx.config[name] if acfg is None else acfg
     settings = acfg.settings.to_dict()
     n = ctx.n_of(acfg.num_examples)
     akey = jax.random.fold_in(ctx.key, _ATTACK_KEY + a_i)
@@ -127,11 +130,36 @@ def _attack_one(ctx: Context, a_i: int, name: str) -> AttackResult:
 
 
 def attacks(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
-    """Every configured attack over its strength grid, on its (nested) subset."""
+    """Every configured attack over its strength grid, on its (nested) subset; for a randomised
+    classifier (one with a `sample_logits_fn`) also AutoAttack's "rand" version (EOT) beside
+    each standard AutoAttack, as the AutoAttack authors prescribe (`rand_versions`)."""
     names = list(ctx.config.attacks)
     for name in names:
         registry.get(name)  # unknown names fail before any attack runs
-    return dict(attacks={name: _attack_one(ctx, i, name) for i, name in enumerate(names)})
+    extra = rand_versions(ctx.config) if ctx.classifier.sample_logits_fn is not None else {}
+    out = {name: _attack_one(ctx, i, name) for i, name in enumerate(names)}
+    for i, (name, acfg) in enumerate(extra.items(), start=len(names)):
+        out[name] = _attack_one(ctx, i, name, acfg)
+    return dict(attacks=out)
+
+
+def rand_versions(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """{autoattack_rand_<norm>: its entry} for each standard `autoattack_<norm>` in
+    config.attacks whose rand version is not listed itself: the rand entry's settings (EOT draws,
+    iterations) on the standard entry's grid, examples and large-eps check, so that both versions
+    are compared on the same points."""
+    out = {}
+    for name in config.attacks:
+        rand = name.replace("autoattack_", "autoattack_rand_", 1)
+        if (
+            name.startswith("autoattack_")
+            and rand in registry.ATTACKS
+            and rand not in config.attacks
+        ):
+            acfg = ml_collections.ConfigDict(config[name].to_dict())
+            acfg.settings = ml_collections.ConfigDict(config[rand].settings.to_dict())
+            out[rand] = acfg
+    return out
 
 
 def worst_cases(
