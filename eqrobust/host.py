@@ -19,3 +19,22 @@ def split_cpu(count: int | None = None) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if count >= 2 and "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def memory_map_fraction() -> float:
+    """The fraction of the kernel's per-process memory-map limit (`vm.max_map_count`) this process
+    uses, or 0.0 where /proc does not say (not Linux).
+
+    XLA:CPU maps every compiled program's code into memory (a few mappings each) and keeps it
+    while JAX's caches hold the program; a long study compiles thousands of programs, and at the
+    limit LLVM aborts the process ("Unable to allocate section memory": `study.py:cpu,zoo`, in
+    its ninth model). Callers free the caches (`jax.clear_caches()`) when this gets high.
+    """
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            used = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return 0.0
+    return used / limit if limit > 0 else 0.0

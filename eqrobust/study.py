@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from eqrobust import data as data_lib
-from eqrobust import ep, report
+from eqrobust import ep, host, report
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.cost import inference_cost
 from eqrobust.evaluation import evaluate_classifier
@@ -330,6 +330,11 @@ def _train_or_load(
     return runs
 
 
+# Free JAX's compiled programs before a model's evaluation above this fraction of the process's
+# memory-map limit (`host.memory_map_fraction`): one model's programs fit in the rest.
+_MAP_FRACTION = 0.4
+
+
 def run_study(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -363,6 +368,9 @@ def run_study(
     overrides = config.get("eval_overrides", None) or {}
     models = []
     for run in runs:
+        if host.memory_map_fraction() > _MAP_FRACTION:  # before LLVM runs out of mappings
+            logging.warning("freeing JAX's compiled programs before %s (memory maps)", run.key)
+            jax.clear_caches()
         ecfg = _merged(config.eval, overrides[run.key]) if run.key in overrides else config.eval
         models.append(
             evaluate_classifier(

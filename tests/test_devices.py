@@ -86,3 +86,17 @@ def test_split_cpu_sets_the_flag_once(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     host.split_cpu(1)  # one device: nothing to split
     assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_memory_map_fraction_counts_this_process_and_grows_with_compiled_programs():
+    import jax
+    import jax.numpy as jnp
+
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc (not Linux): the fraction is 0.0 there")
+    before = host.memory_map_fraction()
+    fns = [jax.jit(lambda x, k=k: x * k + k) for k in range(40)]  # 40 distinct programs
+    for f in fns:
+        f(jnp.ones(3)).block_until_ready()
+    after = host.memory_map_fraction()
+    assert 0.0 < before < after < 1.0, (before, after)
