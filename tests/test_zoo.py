@@ -325,6 +325,8 @@ def test_smoke_study_with_zoo(tmp_path):
     assert rows["EP-CNN"]["f_evals_per_image"] == res.models[0].gradient.prediction_depth == 6
     assert all(rows[n]["f_evals_per_image"] == 1 for n in list(rows)[1:])
     assert rows["EP-CNN"]["agreement"] == 1.0 and all(r["images_per_s"] > 0 for r in rows.values())
+    assert rows["EP-CNN"]["agreement_test"] == 1.0 and ic["num_test"] > ic["num_examples"]
+    assert all(0.0 <= r["agreement_test"] <= 1.0 for r in rows.values())
     md = open(os.path.join(workdir, "report.md")).read()
     assert "## Inference cost" in md and "| Distilled BP-CNN | " in md
     for name in ZOO_ROWS:

@@ -395,7 +395,8 @@ def inference_cost(results: StudyResults, files: Files) -> list[str]:
                 f"{r['f_evals_per_image']:g}",
                 f"{r['speedup']:.1f}x",
                 fmt_acc([c.accuracy], c.n) if c else "–",
-                f"{100 * r['agreement']:.1f} %",
+                fmt_acc([r["agreement"]], ic["num_examples"]),
+                fmt_acc([r["agreement_test"]], ic["num_test"]) if "agreement_test" in r else "–",
             ]
         )
     head = ["model", "images/s", "f-evals / image", f"speed-up vs {teacher}", "clean accuracy"]
@@ -407,9 +408,12 @@ def inference_cost(results: StudyResults, files: Files) -> list[str]:
         f"best of {ic['repeats']} passes, one process, after the evaluation). f-evals / image: "
         f"evaluations of the fixed-point map, i.e. the {teacher}'s free-phase steps T1 (each one "
         "energy gradient) against one forward pass of a student. Wall-clock numbers depend on "
-        "the machine's load; the ratios, measured in one process, are the ones to compare.",
+        "the machine's load; the ratios, measured in one process, are the ones to compare. "
+        f"Agreement: the fraction of images on which a model predicts the {teacher}'s class, on "
+        f"those examples and on the whole test split ({ic.get('num_test', '–')} images, the "
+        "distillation's measure), with 95 % Wilson intervals.",
         "",
-        md_table([*head, f"agreement with {teacher}"], rows),
+        md_table([*head, "agreement (these examples)", "agreement (test split)"], rows),
         "",
     ]
 
