@@ -111,7 +111,7 @@ PyTree = Any
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["inject", "f", "readout", "trajectory", "init", "predict"],
+    data_fields=["inject", "f", "readout", "trajectory", "init", "predict", "predict_trajectory"],
     meta_fields=["num_states", "tol"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +133,11 @@ class Dynamics:
         predict: x -> logits [B, K], the model's real (defended) prediction, or None.
         num_states: N, the number of recorded iterates.
         tol: the forward solver's relative-residual stop (the adjoint's Broyden uses it).
+        predict_trajectory: optional x -> (predict(x), trajectory(x)) from one forward solve.
+            The intermediate attacks judge the prediction and take the next step's states at
+            the same x', so with it one solve per PGD step serves both (only when they judge
+            `predict` itself); it must equal the two functions (tests/test_intermediate.py), so
+            replacing `predict` or `trajectory` (dataclasses.replace) needs it replaced too.
     """
 
     inject: Callable[[jax.Array], PyTree]
@@ -143,3 +148,4 @@ class Dynamics:
     predict: Callable[[jax.Array], jax.Array] | None
     num_states: int
     tol: float = 1e-3
+    predict_trajectory: Callable[[jax.Array], tuple[jax.Array, PyTree]] | None = None

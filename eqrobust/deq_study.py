@@ -422,7 +422,9 @@ def _evaluate_model(
     c0 = compile_seconds()
     model = deq_model(trained)
     dyn = deq_dynamics(model)
-    final = trained.classifier.logits_fn
+    # The trained classifier's logits (deq_classifier(model)); taking the Dynamics' own object
+    # lets the intermediate attacks judge it and recompute the states with one solve per step.
+    final = dyn.predict
     defenses = [d for d in config.defenses if d != "final"]
     defense_order = tuple(defenses)
     attacks = tuple(config.final_attacks)
@@ -494,10 +496,11 @@ def _evaluate_ep(
     ds = load_data(trained.config)
     x, y = fixed_subset(ds, int(len(s.x)), seed)
     es = dataclasses.replace(s, x=x, y=y)
-    params, final = trained.state["params"], trained.classifier.logits_fn
+    params = trained.state["params"]
     if device is not None:
-        params, final = ops.place((params, final), device)
+        params = ops.place(params, device)
     dyn = ep_dynamics(params, ep_train.build_ep_config(trained.config, ds))
+    final = dyn.predict  # the trained EP-CNN's logits (ep.classifier's, exact BPTT gradient)
     clean_ok = _correct(final, x, y)
     robust, grid = {}, None
     for i, name in enumerate(("pgd", "intermediate", "ensemble")):

@@ -466,7 +466,12 @@ def _ep_fns(cfg: EPConfig):
     def init(params, x):
         return energy.zero_states(cfg.energy, x.shape[0], params[0].w.dtype)
 
-    return inject, f, readout, trajectory, init
+    def predict_trajectory(params, x):  # one free phase: the t1-step logits and z_1..z_t1
+        sol = free_phase(params, x, cfg, record=cfg.t1, stop="never")
+        logits = energy.readout(params, sol.z, cfg.energy)
+        return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(sol.trajectory.z)
+
+    return inject, f, readout, trajectory, init, predict_trajectory
 
 
 def ep_dynamics(params: Params, config: EPConfig, *, predict: Callable | None = None) -> Dynamics:
@@ -482,9 +487,11 @@ def ep_dynamics(params: Params, config: EPConfig, *, predict: Callable | None = 
         predict: the real prediction (default: the t1-step free phase, `ep.classifier`'s logits).
 
     Returns:
-        Dynamics with tol = config.free_tol (used only by the adjoint's Broyden).
+        Dynamics with tol = config.free_tol (used only by the adjoint's Broyden); with the
+        default predict and `free_stop="never"`, `predict_trajectory` gives both from one phase.
     """
-    inject, f, readout, trajectory, init = _ep_fns(config)
+    inject, f, readout, trajectory, init, joint = _ep_fns(config)
+    shared = predict is None and config.free_stop == "never"
     if predict is None:
         predict = classifier(params, config).logits_fn
     return Dynamics(
@@ -496,4 +503,5 @@ def ep_dynamics(params: Params, config: EPConfig, *, predict: Callable | None = 
         predict=predict,
         num_states=int(config.t1),
         tol=float(config.free_tol or 1e-3),
+        predict_trajectory=jax.tree_util.Partial(joint, params) if shared else None,
     )

@@ -438,3 +438,70 @@ def test_ep_dynamics_known_answer(x64):
     want = jax.grad(explicit)(x)
     assert float(jnp.max(jnp.abs(want))) > 1e-6  # the input gradient is not trivially zero
     np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def _unshared(fn):
+    """The same function as a different object: the attacks then solve twice per step."""
+    return Partial(fn.func, *fn.args)
+
+
+def test_predict_trajectory_is_predict_and_trajectory_from_one_solve(x64):
+    """`Dynamics.predict_trajectory` equals (predict, trajectory) for the dense Broyden model,
+    a DEQNet and an EP-CNN; a custom predict or EP convergence stopping gets none."""
+    from eqrobust import ep
+    from eqrobust.energy import EnergyConfig
+
+    dense, _ = _dyn()
+    deq = deq_dynamics(_tiny_deqnet())
+    e = EnergyConfig(in_shape=(6, 6, 1), num_classes=3, channels=(3,), paddings=(1,), fc=(4,))
+    cfg = ep.EPConfig(energy=e, t1=5, t2=3, beta=0.5)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), ep.init(jax.random.PRNGKey(0), cfg))
+    epd = ep.ep_dynamics(params, cfg)
+    cases = [(dense, _x()), (deq, jax.random.uniform(jax.random.PRNGKey(1), (2, 12, 12, 1)))]
+    cases.append((epd, jnp.asarray(np.random.default_rng(0).uniform(size=(3, 6, 6, 1)))))
+    for dyn, x in cases:
+        logits, zs = jax.jit(dyn.predict_trajectory)(x)
+        np.testing.assert_allclose(logits, jax.jit(dyn.predict)(x), rtol=1e-5, atol=1e-6)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+            zs,
+            jax.jit(dyn.trajectory)(x),
+        )
+    assert ep.ep_dynamics(params, cfg, predict=epd.predict).predict_trajectory is None
+    conv = dataclasses.replace(cfg, free_stop="converged", free_tol=1e-3)
+    assert ep.ep_dynamics(params, conv).predict_trajectory is None
+    w, u, r, c = _params()
+    custom = inter.broyden_dynamics(
+        Partial(_inject, u), Partial(_f, w), Partial(_readout, r, c), Partial(_init),
+        num_states=5, predict=Partial(_const, jnp.array([5.0, 0.0, 0.0])),
+    )  # fmt: skip
+    assert custom.predict_trajectory is None
+
+
+def test_shared_solve_gives_the_attacks_of_two_solves(x64):
+    """The grid and the ensemble judging dyn.predict (one solve per step) equal the same attacks
+    judging a copy of it (two solves); a joint with other states changes them, so it is used."""
+    dyn, p = _dyn()
+    x, y = _x(b=6), jnp.array([0, 1, 2, 0, 1, 2])
+    kw = dict(key=jax.random.PRNGKey(3), eps=0.3, steps=4, step_size=0.1)
+    grid_kw = dict(kw, unrolls=(1, 3), lams=(0.5, 1.0))
+    shared = inter.unrolled_intermediate_grid(dyn, x, y, **grid_kw)
+    two = inter.unrolled_intermediate_grid(dyn, x, y, predict_fn=_unshared(dyn.predict), **grid_kw)
+    assert 0 < int(jnp.sum(~shared.cell_robust)) < shared.cell_robust.size  # not vacuous
+    np.testing.assert_array_equal(shared.cell_robust, two.cell_robust)
+    np.testing.assert_allclose(shared.x_adv, two.x_adv, atol=1e-12)
+    ens = inter.gradient_ensemble_pgd(dyn, x, y, **kw)
+    ens2 = inter.gradient_ensemble_pgd(dyn, x, y, predict_fn=_unshared(dyn.predict), **kw)
+    np.testing.assert_array_equal(ens.success, ens2.success)
+    np.testing.assert_allclose(ens.x_adv, ens2.x_adv, atol=1e-12)
+
+    # Judged never fooled (every step taken), once with the true states, once with wild ones.
+    never, y0 = jnp.array([5.0, 0.0, 0.0]), jnp.zeros_like(y)
+    true_joint = Partial(lambda x: (_const(never, x), dyn.trajectory(x)))
+    wild_joint = Partial(lambda x: (_const(never, x), _wild_states(p[1], x)))
+    runs = [
+        inter.gradient_ensemble_pgd(dataclasses.replace(dyn, predict_trajectory=j), x, y0, **kw)
+        for j in (true_joint, wild_joint)
+    ]
+    assert all(bool(jnp.all(r.iterations == 4)) for r in runs)
+    assert float(jnp.max(jnp.abs(runs[0].x_adv - runs[1].x_adv))) > 1e-3

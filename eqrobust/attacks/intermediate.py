@@ -22,7 +22,7 @@ from eqrobust.classifier import Dynamics
 PyTree = Any
 Partial = jax.tree_util.Partial
 
-_FNS = ("inject", "f", "readout", "trajectory", "init", "predict")  # Dynamics fields
+_FNS = ("inject", "f", "readout", "trajectory", "init", "predict", "predict_trajectory")
 
 
 def _canon(dyn: Dynamics) -> Dynamics:
@@ -41,34 +41,30 @@ def _canon(dyn: Dynamics) -> Dynamics:
 
 @functools.lru_cache(maxsize=32)
 def _engine_fns(num_states: int, tol: float):
-    def trajectory(inject, f, init, x):
-        sol = solvers.solve(
+    def solve(inject, f, init, x, record, grad):
+        return solvers.solve(
             f,
             init(x),
             inject(x),
             method="broyden",
             max_steps=num_states,
             tol=tol,
-            record=num_states,
-            grad="none",
+            record=record,
+            grad=grad,
             memory=num_states,
         )
-        return lax.stop_gradient(sol.trajectory.z)
+
+    def trajectory(inject, f, init, x):
+        return lax.stop_gradient(solve(inject, f, init, x, num_states, "none").trajectory.z)
 
     def predict(inject, f, init, readout, x):
-        sol = solvers.solve(
-            f,
-            init(x),
-            inject(x),
-            method="broyden",
-            max_steps=num_states,
-            tol=tol,
-            grad="implicit",
-            memory=num_states,
-        )
-        return readout(sol.z)
+        return readout(solve(inject, f, init, x, 0, "implicit").z)
 
-    return trajectory, predict
+    def predict_trajectory(inject, f, init, readout, x):  # both from one solve
+        sol = solve(inject, f, init, x, num_states, "none")
+        return lax.stop_gradient(readout(sol.z)), lax.stop_gradient(sol.trajectory.z)
+
+    return trajectory, predict, predict_trajectory
 
 
 def broyden_dynamics(
@@ -88,15 +84,17 @@ def broyden_dynamics(
         num_states: N solver steps recorded by `trajectory`.
         tol: relative-residual stop of the solver.
         predict: the real prediction; None: readout of the solver's (lowest-residual) state with
-            the implicit gradient.
+            the implicit gradient (and `predict_trajectory` from one solve).
 
     Returns:
         Dynamics.
     """
     inject, f, readout, init = map(C.as_pytree_fn, (inject, f, readout, init))
-    traj_fn, pred_fn = _engine_fns(int(num_states), float(tol))
+    traj_fn, pred_fn, joint_fn = _engine_fns(int(num_states), float(tol))
+    joint = None
     if predict is None:
         predict = Partial(pred_fn, inject, f, init, readout)
+        joint = Partial(joint_fn, inject, f, init, readout)
     return Dynamics(
         inject=inject,
         f=f,
@@ -106,6 +104,7 @@ def broyden_dynamics(
         predict=C.as_pytree_fn(predict),
         num_states=int(num_states),
         tol=float(tol),
+        predict_trajectory=joint,
     )
 
 
@@ -350,15 +349,24 @@ def surrogate_path(
 # ----------------------------------------------------------------------------- PGD core
 
 
-def _pgd_loop(grad_fn, predict, x, y, key, eps, step_size, active, *, steps, random_start):
+def _pgd_loop(
+    grad_fn, predict, x, y, key, eps, step_size, active, *, steps, random_start, joint=None
+):
     """Linf PGD on the surrogate gradient `grad_fn(xa)`; success judged on `predict` only.
 
     `predict` is checked on the clean x, then on every iterate (random start and last included),
     in one traced call (one compiled copy of the model's solver). An example is frozen at the
     first point that fools it (x itself when the clean prediction is already wrong).
+    With `joint` (xa -> (predict(xa), states), `Dynamics.predict_trajectory`), one forward solve
+    per step gives both, and the step is `grad_fn(xa, states)`.
     Returns (x_adv, success, iterations).
     """
     x0 = random_start_pgd(key, x, eps, "linf") if random_start else x
+    if joint is None:
+        joint = lambda xa: (predict(xa), None)  # noqa: E731
+        grad_at = lambda xa, _: grad_fn(xa)  # noqa: E731
+    else:
+        grad_at = grad_fn
 
     def cond(s):
         i, _, act, _, _ = s
@@ -366,11 +374,12 @@ def _pgd_loop(grad_fn, predict, x, y, key, eps, step_size, active, *, steps, ran
 
     def body(s):
         i, xa, act, fooled, iters = s
-        wrong = act & C.misclassified(predict(xa), y)
+        logits, states = joint(xa)
+        wrong = act & C.misclassified(logits, y)
         act, fooled = act & ~wrong, fooled | wrong
 
         def grad_step(xa):
-            return C.project(xa + step_size * jnp.sign(grad_fn(xa)), x, eps, "linf")
+            return C.project(xa + step_size * jnp.sign(grad_at(xa, states)), x, eps, "linf")
 
         # i = 0 checked the clean x: move to the start; i = 1..steps: gradient steps.
         branch = jnp.where(i == 0, 0, jnp.where(i <= steps, 1, 2))
@@ -390,6 +399,7 @@ def _pgd_loop(grad_fn, predict, x, y, key, eps, step_size, active, *, steps, ran
 def _unrolled_pgd(
     dyn,
     predict,
+    joint,
     x,
     y,
     keys,
@@ -405,19 +415,25 @@ def _unrolled_pgd(
     recompute,
     state_batch,
 ):
-    """PGD per state index (lax.map over idxs): x_adv [S, B, ...], success [S, B], iters."""
+    """PGD per state index (lax.map over idxs): x_adv [S, B, ...], success [S, B], iters.
+
+    `joint` (or None): `Dynamics.predict_trajectory` when `predict` is the model's own, used
+    with `recompute` (the states of the x' just judged serve the step from it)."""
     zs_clean = None if recompute else dyn.trajectory(x)
+    joint = joint if recompute else None
 
     def one(args):
         idx, key = args
 
-        def grad_fn(xa):
-            zs = dyn.trajectory(xa) if recompute else zs_clean
+        def grad_fn(xa, zs=None):
+            if zs is None:
+                zs = dyn.trajectory(xa) if recompute else zs_clean
             return _unrolled_grad(dyn, zs, xa, y, idx, unroll, lam)
 
         xa, fooled, it = _pgd_loop(
-            grad_fn, predict, x, y, key, eps, ss, active, steps=steps, random_start=random_start
-        )
+            grad_fn, predict, x, y, key, eps, ss, active, steps=steps,
+            random_start=random_start, joint=joint,
+        )  # fmt: skip
         return C.where_b(active, xa, x), fooled, it
 
     return lax.map(one, (idxs, keys), batch_size=state_batch)
@@ -425,14 +441,16 @@ def _unrolled_pgd(
 
 @functools.partial(jax.jit, static_argnames=("unroll", "steps", "random_start"))
 def _ensemble_pgd(
-    dyn, predict, x, y, key, idxs, eps, ss, lam, active, *, unroll, steps, random_start
+    dyn, predict, joint, x, y, key, idxs, eps, ss, lam, active, *, unroll, steps, random_start
 ):
-    def grad_fn(xa):
-        return _ensemble_grad(dyn, dyn.trajectory(xa), xa, y, idxs, unroll, lam)
+    def grad_fn(xa, zs=None):
+        zs = dyn.trajectory(xa) if zs is None else zs
+        return _ensemble_grad(dyn, zs, xa, y, idxs, unroll, lam)
 
     xa, fooled, it = _pgd_loop(
-        grad_fn, predict, x, y, key, eps, ss, active, steps=steps, random_start=random_start
-    )
+        grad_fn, predict, x, y, key, eps, ss, active, steps=steps,
+        random_start=random_start, joint=joint,
+    )  # fmt: skip
     return C.AttackResult(C.where_b(active, xa, x), fooled, it)
 
 
@@ -444,6 +462,13 @@ def _predict(dyn: Dynamics, predict_fn, who: str):
             "logits function (success is judged on it)"
         )
     return C.as_pytree_fn(p)
+
+
+def _joint(dyn: Dynamics, predict_fn) -> Callable | None:
+    """`dyn.predict_trajectory` when the attack judges `dyn.predict` itself, else None."""
+    if predict_fn is not None and predict_fn is not dyn.predict:
+        return None
+    return dyn.predict_trajectory
 
 
 def _pgd_setup(eps, steps, step_size, who, dtype):
@@ -505,6 +530,7 @@ def unrolled_intermediate_pgd(
     xa, ok, it = _unrolled_pgd(
         dyn,
         _predict(dyn, predict_fn, "unrolled_intermediate_pgd"),
+        _joint(dyn, predict_fn),
         x,
         y,
         key[None],
@@ -557,6 +583,7 @@ def gradient_ensemble_pgd(
     return _ensemble_pgd(
         dyn,
         _predict(dyn, predict_fn, "gradient_ensemble_pgd"),
+        _joint(dyn, predict_fn),
         x,
         y,
         key,
@@ -638,7 +665,7 @@ def unrolled_intermediate_grid(
     dyn, x, y = _check(dyn, x, y, 1, 1.0, who)
     s = _states(states, dyn.num_states, who)
     eps_a, ss = _pgd_setup(eps, steps, step_size, who, x.dtype)
-    predict = _predict(dyn, predict_fn, who)
+    predict, joint = _predict(dyn, predict_fn, who), _joint(dyn, predict_fn)
     act = C.active_mask(active, x.shape[0])
     idxs = jnp.asarray(s, jnp.int32) - 1
     x_adv, broken = x, jnp.zeros(x.shape[0], bool)
@@ -650,6 +677,7 @@ def unrolled_intermediate_grid(
             xa, ok, _ = _unrolled_pgd(
                 dyn,
                 predict,
+                joint,
                 x,
                 y,
                 keys,

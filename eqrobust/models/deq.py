@@ -661,6 +661,15 @@ def _deq_fns(graphdef: Any):
     return inject, f, readout, trajectory, init
 
 
+@functools.lru_cache(maxsize=32)
+def _deq_joint(graphdef: Any, ift: bool | None):
+    def predict_trajectory(state, x):  # one solve: the logits of deq_classifier and trajectory
+        out = nnx.merge(graphdef, state).equilibrium(x, ift=ift, record=True)
+        return out.logits, lax.stop_gradient(out.trajectory.z)
+
+    return predict_trajectory
+
+
 def deq_dynamics(model: DEQNet, *, ift: bool | None = None) -> Dynamics:
     """The eval-mode (no dropout, BatchNorm running statistics) `Dynamics` of a `DEQNet`.
 
@@ -670,7 +679,8 @@ def deq_dynamics(model: DEQNet, *, ift: bool | None = None) -> Dynamics:
 
     Returns:
         Dynamics with N = solver.f_max_iter, tol = solver.f_tol; `trajectory` is the model's
-        recorded Broyden iterates, `predict` its real logits (f(z*) and the damped unroll).
+        recorded Broyden iterates, `predict` its real logits (f(z*) and the damped unroll),
+        `predict_trajectory` both from one solve.
     """
     graphdef, state = nnx.split(model)
     m = nnx.merge(graphdef, state, copy=True)
@@ -686,6 +696,7 @@ def deq_dynamics(model: DEQNet, *, ift: bool | None = None) -> Dynamics:
         predict=deq_classifier(model, ift=ift).logits_fn,
         num_states=int(model.solver.f_max_iter),
         tol=float(model.solver.f_tol),
+        predict_trajectory=jax.tree_util.Partial(_deq_joint(graphdef, ift), state),
     )
 
 
