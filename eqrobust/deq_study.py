@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from eqrobust import data as data_lib
 from eqrobust import defenses as D
-from eqrobust import ops
+from eqrobust import ops, spectrum
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import autoattack, pgd, square
 from eqrobust.attacks import intermediate as I
@@ -379,14 +379,45 @@ def _along(dyn: Dynamics, x: jax.Array, y: jax.Array) -> tuple[jax.Array, ...]:
     return lax.map(per, zs)
 
 
+def _fixed_point(model: DEQNet) -> Callable[[jax.Array], Any]:
+    """x -> the eval-mode solver state z* the DEQ's prediction reads out (f(z*) and on)."""
+    graphdef, state = nnx.split(model)
+
+    def fp(state: Any, x: jax.Array) -> Any:
+        m = nnx.merge(graphdef, state, copy=True)
+        m.eval()
+        return m.equilibrium(x).z_star
+
+    return jax.tree_util.Partial(fp, state)
+
+
 def _dynamics(
-    dyn: Dynamics, s: _Setup, x_adv: dict[str, np.ndarray], adv_key: str
+    dyn: Dynamics,
+    s: _Setup,
+    x_adv: dict[str, np.ndarray],
+    adv_key: str,
+    fixed_point: Callable[[jax.Array], Any] | None = None,
+    krylov: int = 20,
 ) -> DynamicsAnalysis:
-    """Residual / entropy along z_1..z_N (clean and x_adv[adv_key]); per-state accuracies."""
+    """Residual / entropy along z_1..z_N (clean and x_adv[adv_key]); per-state accuracies; with
+    `fixed_point`, the spectral radius of df/dz at z* (clean and x_adv[adv_key], `krylov`
+    Arnoldi steps)."""
     inputs = {"clean": s.x, **{k: jnp.asarray(v) for k, v in x_adv.items()}}
     out = {k: [np.asarray(t) for t in _along(dyn, v, s.y)] for k, v in inputs.items()}
     adv = out.get(adv_key, out["clean"])
     tup = lambda a: tuple(float(v) for v in a.mean(axis=1))
+    radius: tuple[tuple[float, ...], ...] = ((), ())
+    if fixed_point is not None:
+        sp = spectrum.spectrum_clean_vs_adversarial(
+            lambda z, x: dyn.f(z, dyn.inject(x)),
+            fixed_point,
+            jnp.asarray(s.x),
+            inputs.get(adv_key, jnp.asarray(s.x)),
+            k=krylov,
+            top=1,
+            batch_size=len(s.x),
+        )
+        radius = tuple(tuple(float(v) for v in np.abs(e[:, 0])) for e in sp[:2])
     return DynamicsAnalysis(
         num_states=int(dyn.num_states),
         residual_clean=tup(out["clean"][0]),
@@ -395,6 +426,8 @@ def _dynamics(
         entropy_adv=tup(adv[1]),
         state_attacks=tuple(out),
         state_accuracy=tuple(tup(v[2]) for v in out.values()),
+        spectral_radius_clean=radius[0],
+        spectral_radius_adv=radius[1],
     )
 
 
@@ -464,7 +497,9 @@ def _evaluate_model(
         rows[name] = _defense_row(name, model, lambda: x_adv, s, att, bar, sel.index, timing)
     rows.update({k: f.result() for k, f in aside.items()})
     t0 = time.perf_counter()
-    dynamics = _dynamics(dyn, s, x_adv, "pgd")
+    krylov = int(config.get("spectrum_krylov", 20))
+    fp = _fixed_point(model) if krylov > 0 else None
+    dynamics = _dynamics(dyn, s, x_adv, "pgd", fp, krylov)
     timing["dynamics analyses"] = time.perf_counter() - t0
     timing["of which compilation"] = compile_seconds() - c0
     bar.update()

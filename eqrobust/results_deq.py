@@ -144,6 +144,9 @@ class DynamicsAnalysis:
         entropy_clean, entropy_adv: [N] mean prediction entropy of readout(z_n).
         state_attacks: the rows of state_accuracy ("clean" and each attack on the final DEQ).
         state_accuracy: [attacks][N] accuracy of readout(z_n) at each attack's x_adv.
+        spectral_radius_clean, spectral_radius_adv: [n] per example, the leading eigenvalue
+            modulus of df/dz at the solver's z* (Arnoldi, `eqrobust.spectrum`) on clean and
+            PGD-adversarial inputs; empty when not measured.
     """
 
     num_states: int
@@ -153,6 +156,8 @@ class DynamicsAnalysis:
     entropy_adv: tuple[float, ...]
     state_attacks: tuple[str, ...]
     state_accuracy: tuple[tuple[float, ...], ...]
+    spectral_radius_clean: tuple[float, ...] = ()
+    spectral_radius_adv: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

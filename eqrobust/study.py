@@ -18,7 +18,8 @@ import numpy as np
 from absl import logging
 
 from eqrobust import data as data_lib
-from eqrobust import ep, host, report
+from eqrobust import ep, host, report, spectrum
+from eqrobust.attacks import pgd
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.cost import inference_cost
 from eqrobust.evaluation import evaluate_classifier
@@ -175,6 +176,7 @@ class _Run:
     note: str | None = None
     cache_dir: str | None = None
     cache_id: str | None = None
+    spectrum: dict[str, Any] | None = None
 
 
 _CACHE_NOTE = (
@@ -209,6 +211,70 @@ def _ep_note(trained: Trained, data: Any, name: str, cache: EvalCache | None) ->
         return str(compute()["note"])
     parts = dict(name=name, examples=array_digest(data.x_train[:n], data.y_train[:n]))
     return str(cache.get_or_compute("ep_gradient_check", parts, compute, {"note": ()})["note"])
+
+
+def ep_spectrum(
+    trained: Trained, data: Any, x: np.ndarray, y: np.ndarray, scfg: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
+    """Spectral radius of the trained EP-CNN's free-phase Jacobian at s*(x) and at s*(x_adv).
+
+    Args:
+      trained: the EP-CNN run; x [n, H, W, C] float images in [0, 1], y [n] labels.
+      scfg: krylov (Arnoldi steps), eps and steps of the PGD-Linf that makes x_adv (the exact
+        BPTT gradient of the prediction).
+
+    Returns:
+      clean, adversarial: [n] |lambda_max| estimates; fooled: [n] bool, PGD changed the class.
+    """
+    params = trained.state["params"]
+    cfg = ep_train.build_ep_config(trained.config, data)
+    key = jax.random.PRNGKey(0)
+    adv = pgd(trained.classifier.logits_fn, x, y, key=key, norm="linf",
+              eps=float(scfg.eps), steps=int(scfg.steps))  # fmt: skip
+    res = spectrum.spectrum_clean_vs_adversarial(
+        spectrum.ep_map(params, cfg),
+        lambda xb: ep.free_phase(params, xb, cfg).z,
+        jnp.asarray(x),
+        adv.x_adv,
+        k=int(scfg.krylov),
+        top=1,
+        batch_size=64,
+        key=key,
+    )
+    return dict(
+        clean=np.abs(res.clean[:, 0]),
+        adversarial=np.abs(res.adversarial[:, 0]),
+        fooled=np.asarray(adv.success),
+    )
+
+
+def _ep_spectrum(
+    trained: Trained, data: Any, config: ml_collections.ConfigDict, cache: EvalCache | None
+) -> dict[str, Any] | None:
+    """`ep_spectrum` on the first examples of the evaluation's order (cached), for the report."""
+    scfg = config.ep_analysis.get("spectrum", None)
+    if not scfg:
+        return None
+    ctx = make_context(trained.classifier, data.x_test, data.y_test, config.eval)
+    n = min(int(scfg.num_examples), len(ctx.x))
+    x, y = ctx.x[:n], ctx.y[:n]
+    compute = lambda: ep_spectrum(trained, data, x, y, scfg)  # noqa: E731
+    if cache is None:
+        out = compute()
+    else:
+        parts = dict(examples=array_digest(x, y), settings=scfg.to_dict())
+        shapes = {"clean": (n,), "adversarial": (n,), "fooled": (n,)}
+        out = cache.get_or_compute("ep_spectrum", parts, compute, shapes)
+    return dict(
+        model=str(trained.config.get("name", "EP-CNN")),
+        num_examples=n,
+        krylov=int(scfg.krylov),
+        eps=float(scfg.eps),
+        steps=int(scfg.steps),
+        fooled=float(np.mean(out["fooled"])),
+        radius_clean=[float(v) for v in out["clean"]],
+        radius_adversarial=[float(v) for v in out["adversarial"]],
+    )
 
 
 def _run_dir(workdir: str, key: str, seed: int, seeds: Sequence[int]) -> str:
@@ -326,13 +392,16 @@ def _train_or_load(
             timing[f"train-or-load {cfg.name} (seed {seed})"] = time.perf_counter() - t0
             cache = _eval_cache(config, trained, cfg, run_dir)
             variants: tuple[Classifier, ...] = ()
-            note = None
+            note, spec = None, None
             if cfg.trainer == "ep" and seed == seeds[0]:  # depth analysis on the first seed only
                 variants = tuple(ep_gradient_variants(trained, config.ep_analysis, cfg.name, data))
                 note = _ep_note(trained, data, cfg.name, cache)
+                t0 = time.perf_counter()
+                spec = _ep_spectrum(trained, data, config, cache)
+                timing[f"spectrum at s* {cfg.name}"] = time.perf_counter() - t0
             clf = dataclasses.replace(trained.classifier, name=cfg.name)
             cache_dir, cache_id = (cache.directory, cache.model_id) if cache else (None, None)
-            runs.append(_Run(key, seed, clf, variants, note, cache_dir, cache_id))
+            runs.append(_Run(key, seed, clf, variants, note, cache_dir, cache_id, spec))
     return runs
 
 
@@ -412,6 +481,9 @@ def run_study(
     )
     if costs is not None:
         meta["inference_cost"] = costs
+    spectra = [r.spectrum for r in runs if r.spectrum]
+    if spectra:
+        meta["spectrum"] = spectra[0]
     results = StudyResults(models=tuple(models), meta=meta)
     timing["total before report"] = time.perf_counter() - t_start
     timing["of which compilation"] = compile_seconds() - c_start

@@ -158,6 +158,11 @@ def test_smoke_deq_study_end_to_end(tmp_path):
         assert dyn.state_attacks[0] == "clean"
         assert len(dyn.state_accuracy) == len(dyn.state_attacks)
         assert all(len(row) == n_states for row in dyn.state_accuracy)
+        # Spectral radius of df/dz at z*, one per test image, clean and PGD (issue 13 item 3).
+        radii = np.asarray(dyn.spectral_radius_clean + dyn.spectral_radius_adv)
+        assert radii.shape == (2 * res.meta["num_test"],) and np.all(np.isfinite(radii))
+        assert np.all(radii > 0)
+    assert "Spectral radius of df/dz at the solver's z*" in report
     for fname in ["deq_residual.png", "deq_entropy.png"] + [
         f"deq_states_{m.key}.png" for m in res.models
     ]:

@@ -135,14 +135,27 @@ def _results(seeds=(0,), edit=lambda m: None):
     return StudyResults(
         models=tuple(_typed(m) for m in models),
         meta=dict(
-            dataset="fashion_mnist", scale="cpu", notes=["a note"], timing={"train EP-CNN": 300.0}
+            dataset="fashion_mnist",
+            scale="cpu",
+            notes=["a note"],
+            timing={"train EP-CNN": 300.0},
+            spectrum=dict(
+                model="EP-CNN",
+                num_examples=4,
+                krylov=20,
+                eps=8 / 255,
+                steps=20,
+                fooled=0.5,
+                radius_clean=[0.9, 1.0, 1.05, 0.95],
+                radius_adversarial=[1.0, 1.1, 0.97, 1.02],
+            ),  # fmt: skip
         ),
     )
 
 
 def test_report_files_and_sections(tmp_path):
     paths = report.write_report(_results(), str(tmp_path))
-    for key in ("attacks", "corruptions", "trajectory", "attack_depth"):
+    for key in ("attacks", "corruptions", "trajectory", "attack_depth", "spectrum"):
         assert os.path.getsize(paths[key]) > 1000, key
     galleries = sorted(p for p in os.listdir(tmp_path) if p.startswith("gallery_"))
     assert galleries == ["gallery_bp_cnn_seed0.png", "gallery_ep_cnn_seed0.png"]
@@ -160,6 +173,8 @@ def test_report_files_and_sections(tmp_path):
         "## Dynamics of the equilibrium models",
         "accuracy along the dynamics",
         "robust accuracy vs attack-gradient path",
+        "## Spectrum of the linearised dynamics",
+        "| PGD-Linf x_adv | 1.010 | ",
         "## Health checks",
         "## Perturbation gallery",
         "## Time budget",

@@ -117,6 +117,11 @@ def test_smoke_study_end_to_end(tmp_path):
         ("unrolled(3)", False),
         ("implicit", True),
     ]
+    # Spectrum of the free phase's Jacobian at s*, clean and PGD points (issue 13 item 3).
+    sp = res.meta["spectrum"]
+    assert sp["model"] == "EP-CNN" and sp["num_examples"] == 8 and sp["krylov"] == 6
+    radii = np.asarray(sp["radius_clean"] + sp["radius_adversarial"])
+    assert radii.shape == (16,) and np.all(np.isfinite(radii)) and np.all(radii > 0)
     # Accuracy along the free phase ends at the prediction's clean accuracy (same examples).
     assert ep.dynamics.trajectory.accuracy[-1] == pytest.approx(ep.clean.accuracy)
     _same_numbers_as_before_the_refactor(js)
@@ -131,6 +136,7 @@ def test_smoke_study_end_to_end(tmp_path):
         "### C&W-L2",
         "## Natural corruptions",
         "## Dynamics of the equilibrium models",
+        "## Spectrum of the linearised dynamics",
         "## Health checks",
         "## Perturbation gallery",
         "## Time budget",

@@ -169,6 +169,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.model_order = order
     c.num_test = {"smoke": 16, "cpu": 32, "paper": 1000}[scale]
     c.num_val = {"smoke": 16, "cpu": 32, "paper": 1000}[scale]
+    # Spectral radius of df/dz at z* per test image (clean and PGD), Arnoldi steps; 0: skip.
+    c.spectrum_krylov = {"smoke": 6, "cpu": 20, "paper": 20}[scale]
     c.attack = _attack(scale)
     c.defenses = ("final", "early", "ensemble", "entropy")
     c.final_attacks = ("pgd", "intermediate", "ensemble", "adjoint", "autoattack", "square")

@@ -38,6 +38,15 @@ from eqrobust import evaluation
 from eqrobust.configs import adv_cnn, bp_cnn, distill, ep_cnn
 
 SCALES = ("smoke", "cpu", "paper")
+
+
+def _spectrum(scale: str) -> ml_collections.ConfigDict:
+    """Spectrum of the linearised free phase at s* (ep-distillation eqs. 3-7): the leading
+    eigenvalue modulus per example (Arnoldi, `krylov` JVPs) at the clean and the PGD-Linf
+    fixed points of the first `num_examples` clean-accuracy examples (issue 13 item 3)."""
+    if scale == "smoke":
+        return ml_collections.ConfigDict(dict(num_examples=8, krylov=6, eps=8 / 255, steps=3))
+    return ml_collections.ConfigDict(dict(num_examples=64, krylov=20, eps=8 / 255, steps=20))
 OPTIONS = ("zoo",)
 
 
@@ -67,6 +76,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
     c.ep_analysis = ml_collections.ConfigDict()
     c.ep_analysis.bptt_depths = (10, 20, 30, 40, 50, 60, 70, 250)
     c.ep_analysis.implicit = True
+    c.ep_analysis.spectrum = _spectrum(scale)
 
     e = evaluation.default_config()
     c.eval = e

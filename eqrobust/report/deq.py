@@ -255,6 +255,30 @@ def _ep_lines(results: DeqStudyResults) -> list[str]:
     ]
 
 
+def _radius(r: tuple[float, ...]) -> str:
+    q10, q50, q90 = np.quantile(np.asarray(r), [0.1, 0.5, 0.9])
+    return f"{q50:.3f} [{q10:.3f} - {q90:.3f}], {np.mean(np.asarray(r) >= 0.999):.2f}"
+
+
+def _spectrum_lines(results: DeqStudyResults) -> list[str]:
+    """Spectral radius of the cell's Jacobian at z*, clean vs PGD (when measured)."""
+    rows = [
+        [m.name, _radius(m.dynamics.spectral_radius_clean), _radius(m.dynamics.spectral_radius_adv)]
+        for m in results.models
+        if m.dynamics.spectral_radius_clean
+    ]
+    if not rows:
+        return []
+    return [
+        "Spectral radius of df/dz at the solver's z* per test image (Arnoldi on Jacobian-vector "
+        "products; median [q10 - q90], fraction >= 0.999): at |lambda| >= 1 the fixed point is "
+        "not attracting and the solver's state is a transient, not an equilibrium.",
+        "",
+        md_table(["model", "clean x", "PGD x_adv (final state)"], rows),
+        "",
+    ]
+
+
 def write_deq_report(results: DeqStudyResults, out_dir: str) -> dict[str, str]:
     """Writes deq_report.md and its PNG figures into out_dir.
 
@@ -312,6 +336,7 @@ def write_deq_report(results: DeqStudyResults, out_dir: str) -> dict[str, str]:
         "",
     ]
     lines += [f"![{m.name}]({files[f'states_{m.key}']})" for m in results.models] + [""]
+    lines += _spectrum_lines(results)
     lines += ["## Timing (s)", ""]
     if meta.get("lanes", 1) > 1:
         lines += [

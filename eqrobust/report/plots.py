@@ -223,6 +223,22 @@ def gallery(model: ModelResult, path: str, class_names: Sequence[str] | None = N
 
 
 # key -> (figure function, file name, whether the results have data for it)
+def spectrum(results: StudyResults, path: str) -> None:
+    """Histogram of the leading-eigenvalue modulus at s*(x) and s*(x_adv) (study meta)."""
+    sp = results.meta["spectrum"]
+    clean, adv = np.asarray(sp["radius_clean"]), np.asarray(sp["radius_adversarial"])
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    bins = np.linspace(min(clean.min(), adv.min()), max(clean.max(), adv.max(), 1.0), 25)
+    ax.hist(clean, bins=bins, alpha=0.6, label=f"clean (n={len(clean)})")
+    ax.hist(adv, bins=bins, alpha=0.6, label="PGD-Linf x_adv")
+    ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("|lambda_max| of the free-phase Jacobian at s*")
+    ax.set_ylabel("examples")
+    ax.set_title(sp["model"], fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 FIGURES: dict[str, tuple[Any, str, Any]] = {
     "attacks": (attacks, "accuracy_vs_eps.png", lambda r: any(m.attacks for m in r.models)),
     "corruptions": (corruptions, "corruptions.png", lambda r: any(m.corruptions for m in r.models)),
@@ -236,4 +252,5 @@ FIGURES: dict[str, tuple[Any, str, Any]] = {
         "attack_depth.png",
         lambda r: any(m.dynamics and m.dynamics.attack_depth for m in r.models),
     ),
+    "spectrum": (spectrum, "spectrum.png", lambda r: bool(r.meta.get("spectrum"))),
 }

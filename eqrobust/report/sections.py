@@ -418,6 +418,37 @@ def inference_cost(results: StudyResults, files: Files) -> list[str]:
     ]
 
 
+def spectrum(results: StudyResults, files: Files) -> list[str]:
+    """The leading eigenvalue of the EP-CNN's linearised free phase at clean and adversarial
+    fixed points (study meta "spectrum", eqrobust/study.py `ep_spectrum`); none without it."""
+    sp = results.meta.get("spectrum")
+    if not sp:
+        return []
+    rows = []
+    for label, key in (("clean x", "radius_clean"), ("PGD-Linf x_adv", "radius_adversarial")):
+        r = np.asarray(sp[key])
+        q10, q50, q90 = np.quantile(r, [0.1, 0.5, 0.9])
+        rows.append([label, f"{q50:.3f}", f"{q10:.3f} - {q90:.3f}", f"{np.mean(r >= 0.999):.2f}"])
+    out = [
+        "## Spectrum of the linearised dynamics",
+        "",
+        f"{sp['model']}: the leading eigenvalue modulus |lambda_max| of the Jacobian of one "
+        f"free-phase update at the reached state s*, per example ({sp['krylov']} Arnoldi steps "
+        f"of Jacobian-vector products, no dense Jacobian), on the first {sp['num_examples']} "
+        f"evaluation examples and on their PGD-Linf points ({value_label('eps', sp['eps'])}, "
+        f"{sp['steps']} steps, exact gradient; {100 * sp['fooled']:.0f} % change class). "
+        "Perturbations of s* decay along directions with |lambda| < 1 and persist along "
+        "|lambda| near 1 (ep-distillation eqs. 3-7); the free phase stops after T1 steps, so "
+        "|lambda| > 1 at s* is possible.",
+        "",
+        md_table(["inputs", "median", "q10 - q90", "fraction >= 0.999"], rows),
+        "",
+    ]
+    if "spectrum" in files:
+        out += [f"![spectrum at s*]({files['spectrum']})", ""]
+    return out
+
+
 def health(results: StudyResults, files: Files) -> list[str]:
     """Every check of every model run."""
     out = ["## Health checks", ""] + [f"- ({k}) {v}" for k, v in HEALTH_CHECKS.items()] + [""]
@@ -472,6 +503,7 @@ SECTIONS: tuple[Section, ...] = (
     corruptions,
     dynamics,
     inference_cost,
+    spectrum,
     health,
     gallery,
     timing,
