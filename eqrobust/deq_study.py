@@ -11,6 +11,7 @@ Success is always judged on the prediction the (defended) model actually makes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax import lax
 from tqdm.auto import tqdm
@@ -34,12 +36,14 @@ from eqrobust.attacks import autoattack, pgd, square
 from eqrobust.attacks import intermediate as I
 from eqrobust.classifier import Classifier, Dynamics
 from eqrobust.ep import ep_dynamics
+from eqrobust.evaluation.cache import EvalCache, Uncacheable, model_fingerprint
 from eqrobust.evaluation.context import eval_devices
 from eqrobust.evaluation.health import check_gradient_probe
 from eqrobust.evaluation.probes import gradient_path_probes
 from eqrobust.models.deq import DEQNet, deq_dynamics
 from eqrobust.profiling import compile_seconds
 from eqrobust.report import deq as deq_report
+from eqrobust.results import from_json, to_json
 from eqrobust.results_deq import (
     COMPOSITE_ATTACKS,
     Acc,
@@ -523,11 +527,27 @@ def _evaluate_ep(
     s: _Setup,
     seed: int,
     device: jax.Device | None = None,
+    study: ml_collections.ConfigDict | None = None,
 ) -> tuple[EpResult, float]:
     """The EP-CNN's free phase under final-state PGD and the intermediate attacks (on `device`
-    when given: its weights are copied there, so its programs run there)."""
+    when given: its weights are copied there, so its programs run there); with the `study`
+    config, stored in and reused from the run's evaluation cache."""
     t0 = time.perf_counter()
     trained = get_trainer(cfg.trainer)(cfg, workdir)
+    cached = None if study is None else _row_cache(study, trained, workdir)
+    res, _ = _cached_row(
+        cached, "deq_study_ep", EpResult, lambda: _ep_row(cfg, trained, s, seed, device)
+    )
+    return res, time.perf_counter() - t0
+
+
+def _ep_row(
+    cfg: ml_collections.ConfigDict,
+    trained: Trained,
+    s: _Setup,
+    seed: int,
+    device: jax.Device | None,
+) -> EpResult:
     ds = load_data(trained.config)
     x, y = fixed_subset(ds, int(len(s.x)), seed)
     es = dataclasses.replace(s, x=x, y=y)
@@ -557,7 +577,53 @@ def _evaluate_ep(
         all=Acc.of(np.logical_and.reduce([clean_ok, *robust.values()])),
         grid=_grid_summary(grid, clean_ok),
     )
-    return res, time.perf_counter() - t0
+    return res
+
+
+# The settings a model's row depends on (the model itself enters through its fingerprint).
+_ROW_SETTINGS = ("num_test", "num_val", "subset_seed", "seed", "attack", "defenses")
+_ROW_SETTINGS += ("final_attacks", "defense_attacks", "spectrum_krylov")
+
+
+def _row_cache(
+    config: ml_collections.ConfigDict, trained: Trained, run_dir: str
+) -> tuple[EvalCache, dict[str, Any]] | None:
+    """The run's evaluation cache and the key parts of its DEQ-study row: the study settings
+    and this file's source (the evaluation cache's code fingerprint leaves the study out)."""
+    if not config.get("eval_cache", True):
+        return None
+    try:
+        model_id = model_fingerprint(trained.state, trained.config, trained.config.name)
+    except Uncacheable as e:
+        logging.warning("%s: DEQ study row not cached (%s)", trained.config.name, e)
+        return None
+    with open(__file__, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()
+    parts = {k: config.get(k, None) for k in _ROW_SETTINGS}
+    parts["deq_study.py"] = source
+    return EvalCache(os.path.join(run_dir, "eval_cache"), model_id), parts
+
+
+def _cached_row(cached, kind: str, tp: type, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """(result, from the cache?): the stored JSON of `kind` when `cached` has it, else
+    `compute()`'s result, stored. An entry that no longer reads back is recomputed."""
+    if cached is None:
+        return compute(), False
+    cache, parts = cached
+    fresh = []
+
+    def run() -> dict[str, np.ndarray]:
+        fresh.append(compute())
+        return {"json": np.asarray(json.dumps(to_json(fresh[0])))}
+
+    out = cache.get_or_compute(kind, parts, run, {"json": ()})
+    if fresh:
+        return fresh[0], False
+    try:
+        return from_json(tp, json.loads(str(out["json"])), kind), True
+    except (TypeError, ValueError, KeyError) as e:
+        logging.warning("%s: cached entry unreadable (%s); recomputing", kind, e)
+        return compute(), False
 
 
 def _setup(config: ml_collections.ConfigDict, ds: data_lib.Dataset, val_cfg) -> _Setup:
@@ -606,7 +672,7 @@ def run_deq_study(
             s,
             int(config.subset_seed),
         )
-        ep_job = pool.submit(_evaluate_ep, *ep_args, devices[-1]) if pool else None
+        ep_job = pool.submit(_evaluate_ep, *ep_args, devices[-1], config) if pool else None
     models = []
     for key in tqdm(keys, desc="DEQ study models"):
         cfg = config.models[key]
@@ -616,11 +682,21 @@ def run_deq_study(
         trained = get_trainer(cfg.trainer)(cfg, os.path.join(workdir, key))
         timing[f"train-or-load {cfg.name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        models.append(_evaluate_model(key, trained, s, config, lane))
-        timing[f"evaluate {cfg.name}"] = time.perf_counter() - t0
+        row, hit = _cached_row(
+            _row_cache(config, trained, os.path.join(workdir, key)),
+            "deq_study_row",
+            DeqModelResult,
+            lambda: _evaluate_model(key, trained, s, config, lane),
+        )
+        if hit:  # the stored stage times are the first run's; this run only loaded the row
+            row = dataclasses.replace(
+                row, timing={"loaded from the evaluation cache": time.perf_counter() - t0}
+            )
+        models.append(row)
+        timing[f"evaluate {cfg.name}" + (" (cached)" if hit else "")] = time.perf_counter() - t0
     ep_res = None
     if config.get("ep_model", None) is not None:
-        ep_out = ep_job.result() if ep_job is not None else _evaluate_ep(*ep_args)
+        ep_out = ep_job.result() if ep_job is not None else _evaluate_ep(*ep_args, None, config)
         ep_res, timing["EP-CNN train-or-load + attacks"] = ep_out
     if pool is not None:
         pool.shutdown()

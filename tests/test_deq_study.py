@@ -168,6 +168,18 @@ def test_smoke_deq_study_end_to_end(tmp_path):
     ]:
         path = os.path.join(workdir, fname)
         assert os.path.getsize(path) > 1000 and f"({fname})" in report
+    # The same command again: every row comes from the evaluation cache, same numbers.
+    again = subprocess.run(
+        proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    js2 = json.load(open(os.path.join(workdir, "deq_results.json")))
+    assert all(f"evaluate {n} (cached)" in js2["meta"]["timing"] for n in names)
+    for a, b in zip(js["models"], js2["models"], strict=True):
+        assert list(b["timing"]) == ["loaded from the evaluation cache"]
+        assert {k: v for k, v in a.items() if k != "timing"} == {
+            k: v for k, v in b.items() if k != "timing"
+        }
     # a result that breaks an invariant does not read back
     bad = dataclasses.replace(res.models[0].defenses[0], all=res.models[0].defenses[0].clean)
     if any(a.accuracy < bad.clean.accuracy for a in bad.attacks.values()):
@@ -232,3 +244,31 @@ def test_a_lane_on_the_second_device_gives_the_serial_row():
         [sys.executable, "-c", _LANE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_cached_row_stores_reuses_and_recomputes(tmp_path):
+    """A row is computed once per key; a changed setting or an unreadable entry recomputes."""
+    from eqrobust import deq_study as S
+    from eqrobust.evaluation.cache import EvalCache
+
+    row = DynamicsAnalysis(2, (0.5, 0.25), (0.5, 0.3), (1.0, 0.5), (1.0, 0.6), ("clean",),
+                           ((0.5, 0.75),), (0.9, 1.1), (1.0, 1.2))  # fmt: skip
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return row
+
+    cache = EvalCache(str(tmp_path), "model-a")
+    cached = (cache, dict(num_test=2, attack=dict(eps=8 / 255)))
+    assert S._cached_row(cached, "k", DynamicsAnalysis, compute) == (row, False)
+    assert S._cached_row(cached, "k", DynamicsAnalysis, compute) == (row, True)
+    assert len(calls) == 1
+    other = (cache, dict(num_test=2, attack=dict(eps=4 / 255)))
+    assert S._cached_row(other, "k", DynamicsAnalysis, compute) == (row, False)
+    assert len(calls) == 2
+    fname, desc = cache.key("k", cached[1])
+    np.savez(os.path.join(str(tmp_path), fname), _key=np.asarray(desc), json=np.asarray("{}"))
+    assert S._cached_row(cached, "k", DynamicsAnalysis, compute) == (row, False)
+    assert len(calls) == 3
+    assert S._cached_row(None, "k", DynamicsAnalysis, compute) == (row, False)

@@ -168,6 +168,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.models = ml_collections.ConfigDict(models)
     c.model_order = order
     c.num_test = {"smoke": 16, "cpu": 32, "paper": 1000}[scale]
+    # Each model's row (and the EP-CNN's) is stored in <run>/eval_cache/ and reused while the
+    # weights, the settings above and below and the code are unchanged; False recomputes.
+    c.eval_cache = True
     c.num_val = {"smoke": 16, "cpu": 32, "paper": 1000}[scale]
     # Spectral radius of df/dz at z* per test image (clean and PGD), Arnoldi steps; 0: skip.
     c.spectrum_krylov = {"smoke": 6, "cpu": 20, "paper": 20}[scale]

@@ -47,6 +47,8 @@ def _spectrum(scale: str) -> ml_collections.ConfigDict:
     if scale == "smoke":
         return ml_collections.ConfigDict(dict(num_examples=8, krylov=6, eps=8 / 255, steps=3))
     return ml_collections.ConfigDict(dict(num_examples=64, krylov=20, eps=8 / 255, steps=20))
+
+
 OPTIONS = ("zoo",)
 
 
