@@ -34,7 +34,7 @@ from absl import logging
 FORMAT_VERSION = 1
 
 # Package parts that cannot change a stored value (reporting, configs, whose values enter the
-# keys, the DEQ study, which does not cache); every other source file of eqrobust enters
+# keys, the DEQ study, whose cached rows key on its own source); every other source file enters
 # `code_fingerprint`, so an edit there invalidates the cache (study.py builds the EP gradient
 # variants, so it is in).
 _NOT_COMPUTATION = ("report/", "configs/", "results", "deq_study.py", "profiling.py", "cost.py")
