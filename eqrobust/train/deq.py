@@ -343,14 +343,25 @@ def train(
     best_path = wd / "best.json" if wd is not None else None
     if wd is not None and config.get("force_retrain", False):  # fit discards the run itself
         best_path.unlink(missing_ok=True)
+        (wd / "selected.json").unlink(missing_ok=True)
     best = (
         json.loads(best_path.read_text()) if best_path is not None and best_path.exists() else None
     )
     selected: dict = {}  # the best state when nothing is saved (workdir None)
     ckptr = ocp.StandardCheckpointer() if wd is not None else None
 
+    trained_here = []  # set when an epoch ends in this call (the run was not just loaded)
+
     def validate_and_select(step: int, state: dict) -> dict:
         nonlocal best
+        trained_here.append(step)
+        if best is None and step >= total:
+            # The run's only epoch end (e.g. a cpu-scale run shorter than one epoch): there is
+            # nothing to select between, so the validation pass (PGD included) is skipped.
+            logging.info(
+                "validation skipped at step %d: the final state is the only candidate", step
+            )
+            return {"validation": "skipped: the final state is the only candidate"}
         row = validate(state)
         logging.info("validation at step %d: %s", step, row)
         print(json.dumps({"step": step, **row}), flush=True)
@@ -384,19 +395,38 @@ def train(
     nnx.update(model, sel["params"], sel["rest"])
     model.eval()
     clf = deq_classifier(model, name=config.get("name", "DEQ"))
-    test_acc = float(
-        _accuracy(clf.logits_fn, full.x_test, full.y_test, batch_size=int(config.eval_batch_size))
-    )
     final = {
         "step": step,
         "selected_step": best["step"] if best else step,
-        "selected_by": select_key,
-        "test_accuracy": test_acc,
+        "selected_by": select_key if best else "final state (only candidate)",
     }
+    stored = None if trained_here else _stored_selection(wd)
+    if stored is not None and all(stored.get(k) == v for k, v in final.items()):
+        # A finished run loaded again: the selected weights' test accuracy is already measured.
+        test_acc = float(stored["test_accuracy"])
+    else:
+        test_acc = float(
+            _accuracy(
+                clf.logits_fn, full.x_test, full.y_test, batch_size=int(config.eval_batch_size)
+            )
+        )
+    final["test_accuracy"] = test_acc
     history = history + [final]
     if wd is not None:
         (wd / "selected.json").write_text(json.dumps(final))
     return Trained(clf, state, history, config, module=model)
+
+
+def _stored_selection(wd: Path | None) -> dict | None:
+    """selected.json of a finished run (None when absent or unreadable)."""
+    path = wd / "selected.json" if wd is not None else None
+    if path is None or not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) and "test_accuracy" in stored else None
 
 
 @jax.jit
