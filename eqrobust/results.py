@@ -145,7 +145,8 @@ class MaskingComparison:
 
 @dataclasses.dataclass(frozen=True)
 class ConvergenceRun:
-    """Check (c)'s input: the same attack with more steps and restarts."""
+    """Check (c)'s input: the same attack with more steps and restarts, run on the points the
+    attack left robust; `strong_accuracy` counts the points robust to both."""
 
     attack: str
     value: float
