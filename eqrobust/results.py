@@ -145,8 +145,7 @@ class MaskingComparison:
 
 @dataclasses.dataclass(frozen=True)
 class ConvergenceRun:
-    """Check (c)'s input: the same attack with more steps and restarts, run on the points the
-    attack left robust; `strong_accuracy` counts the points robust to both."""
+    """Check (c)'s input: the same attack with more steps and restarts."""
 
     attack: str
     value: float

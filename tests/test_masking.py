@@ -260,36 +260,3 @@ def test_convergence_check_fails_on_zero_gradients_and_passes_on_an_honest_model
     assert len(verdicts["honest"]) == 1 and all(p for p, _ in verdicts["honest"]), verdicts
     assert verdicts["zero"] and not any(p for p, _ in verdicts["zero"]), verdicts
     assert all("ZERO loss gradients" in m for _, m in verdicts["zero"]), verdicts
-
-
-def test_convergence_runs_the_stronger_attack_on_the_points_left_robust(monkeypatch):
-    """(c)'s stronger PGD runs only where the attack left the point robust (a broken point stays
-    broken in the worst case), and an unconverged attack is caught: on the linear model, with
-    distance d to the boundary, 2 steps of eps/4 break d < 0.15 only, 10 break d < eps."""
-    from eqrobust.evaluation.context import Context
-
-    w = _direction()
-    x, y = _data(w)
-    c = _config()
-    c.attacks = c.health.convergence_attacks = ("pgd_l2",)
-    c.pgd_l2.large = None
-    c.pgd_l2.settings.update(dict(steps=2, step_fraction=0.25, random_start=False))
-    c.health.more_steps_factor, c.health.more_restarts_factor = 5, 1
-    subsets = []
-    original = Context.robust_correct
-
-    def spy(self, *args, **kw):
-        subsets.append(kw.get("subset"))
-        return original(self, *args, **kw)
-
-    monkeypatch.setattr(Context, "robust_correct", spy)
-    only = [s for s in stages.STAGES if s[0] in ("clean", "attacks", "convergence")]
-    res = evaluation.evaluate_classifier(Classifier(_linear(w), "linear"), x, y, c, stage_list=only)
-    (run,) = res.convergence_runs
-    base = res.attacks["pgd_l2"].accuracy[0]
-    robust = subsets[-1]
-    assert subsets[0] is None and robust is not None  # the grid on all points, (c) on a subset
-    assert len(robust) == round(base * len(x)) < len(x)
-    assert run.accuracy == base and run.strong_accuracy < base - 0.05
-    (check,) = [ch for ch in res.health if ch.id == "c"]
-    assert not check.passed and "not converged" in check.message

@@ -192,12 +192,8 @@ class Context:
         attack_logits_fn: LogitsFn | None = None,
         attack_id: str | None = None,
         return_adv: bool = False,
-        subset: np.ndarray | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Per-example robustness on the first n examples: correct clean AND at x_adv.
-
-        With `subset` (sorted indices into the first n examples) the attack runs on those
-        examples only, and the result has one entry per index.
 
         The attack may use another gradient path (`attack_logits_fn`, default the classifier's);
         the verdict is always the real prediction at the returned point, never the attack's flag.
@@ -221,22 +217,11 @@ class Context:
             x_adv = spec.run(a_fn, xb, yb, key=k, value=value, **kw)
             return _jitted_argmax(p_fn)(x_adv) == yb, x_adv
 
-        rows = np.arange(n) if subset is None else np.asarray(subset, np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= n):
-            raise ValueError(f"robust_correct: subset indices must lie in [0, {n})")
-        xs, ys = (self.x[:n], self.y[:n]) if subset is None else (self.x[rows], self.y[rows])
-
         def compute() -> dict[str, np.ndarray]:
-            if not len(rows):
-                return (
-                    dict(ok=np.zeros(0, bool), x_adv=xs)
-                    if return_adv
-                    else dict(ok=np.zeros(0, bool))
-                )
             ok, x_adv = ops.run_chunked(
                 fn,
-                xs,
-                ys,
+                self.x[:n],
+                self.y[:n],
                 batch_size=self.batch_size,
                 key=key,
                 desc=f"{spec.label} {spec.param}={value:.4g}",
@@ -245,9 +230,9 @@ class Context:
             )
             return dict(ok=ok, x_adv=x_adv) if return_adv else dict(ok=ok)
 
-        required: dict[str, tuple | None] = {"ok": (len(rows),)}
+        required: dict[str, tuple | None] = {"ok": (n,)}
         if return_adv:
-            required["x_adv"] = xs.shape
+            required["x_adv"] = self.x[:n].shape
         if attack_logits_fn is not None and attack_id is None:
             out = compute()
         else:
@@ -257,15 +242,13 @@ class Context:
                 settings=settings,
                 n=int(n),
                 key=key_digest(key),
-                examples=self.examples_digest(n) if subset is None else array_digest(xs, ys),
+                examples=self.examples_digest(n),
                 gradient="classifier" if attack_logits_fn is None else attack_id,
                 eot=eot,
                 batch_size=self.batch_size,
                 # The chunks fold their index into the key: another chunking, another result.
-                chunk=ops.chunk_size(len(rows), self.batch_size, len(self.devices)),
+                chunk=ops.chunk_size(n, self.batch_size, len(self.devices)),
             )
-            if subset is not None:
-                parts["subset"] = array_digest(rows)
             out = self.cached("attack", parts, compute, required)
-        correct = np.asarray(out["ok"], bool) & self.clean_correct[:n][rows]
+        correct = np.asarray(out["ok"], bool) & self.clean_correct[:n]
         return (correct, out["x_adv"]) if return_adv else correct

@@ -62,11 +62,9 @@ def check_masking(cmp: MaskingComparison, label: str, tolerance: float) -> Healt
 def check_convergence(
     run: ConvergenceRun, label: str, tolerance: float, max_zero_gradient: float = 0.5
 ) -> HealthCheck:
-    """(c): more iterations and restarts, run on the points the attack left robust, must not
-    break more than `tolerance` of them, and the attack must be able to move: unchanged accuracy
-    with zero loss gradients on more than `max_zero_gradient` of the correctly classified
-    examples is masking, not convergence. (A run whose stronger accuracy is above the base one,
-    possible only with the stronger attack run on every point, is flagged too.)"""
+    """(c): more iterations and restarts must not change the robust accuracy, and the attack must
+    be able to move: unchanged accuracy with zero loss gradients on more than `max_zero_gradient`
+    of the correctly classified examples is masking, not convergence."""
     # Counts, not floats: a change of exactly the tolerance must not fail by rounding.
     diff = round(run.strong_accuracy * run.n) - round(run.accuracy * run.n)
     zero = run.zero_gradient_fraction > max_zero_gradient
@@ -86,8 +84,8 @@ def check_convergence(
         passed=bool(ok),
         message=(
             f"{label} eps={run.value:.4g}: {run.steps} steps x{run.restarts} restarts "
-            f"{run.accuracy:.3f}, then {run.strong_steps} steps x{run.strong_restarts} restarts "
-            f"on the points left robust {run.strong_accuracy:.3f} (n={run.n}; zero gradients "
+            f"{run.accuracy:.3f} vs {run.strong_steps} steps x{run.strong_restarts} restarts "
+            f"{run.strong_accuracy:.3f} (n={run.n}; zero gradients "
             f"{run.zero_gradient_fraction:.0%}): " + verdict
         ),
     )

@@ -329,20 +329,9 @@ def convergence(ctx: Context, fields: dict[str, Any]) -> dict[str, Any]:
         steps, restarts = int(strong.get("steps", 20)), int(strong.get("restarts", 1))
         strong["steps"] = steps * int(h.more_steps_factor)
         strong["restarts"] = restarts * int(h.more_restarts_factor)
-        # The stronger attack runs on the points the attack left robust: what (c) asks is
-        # whether more effort breaks points that count as robust (a point already broken stays
-        # broken in the worst case over attacks, so rerunning it costs without informing).
-        robust = np.flatnonzero(base[:nh])
-        broken_too = ctx.robust_correct(
-            name,
-            value,
-            strong,
-            nh,
-            key=jax.random.fold_in(ctx.key, _CONVERGENCE_KEY + p_i),
-            subset=robust,
+        corr = ctx.robust_correct(
+            name, value, strong, nh, key=jax.random.fold_in(ctx.key, _CONVERGENCE_KEY + p_i)
         )
-        corr = np.zeros(nh, bool)
-        corr[robust] = broken_too
         # Zero gradients make "more steps change nothing" trivially true: measure them.
         zero = _zero_gradients(ctx, nh, str(strong.get("loss", "ce")))
         runs.append(
