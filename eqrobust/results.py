@@ -397,3 +397,10 @@ def validate(results: StudyResults) -> None:
             raise ValueError(f"{where}: health check (e) missing")
         if any(a.large is not None for a in m.attacks.values()) and "a" not in ids:
             raise ValueError(f"{where}: health check (a) missing although large-eps runs exist")
+
+
+def value_label(param: str, v: float) -> str:
+    """A strength as people write it: ε=8/255 for small Linf radii, ε=0.5, c=0.01."""
+    if param == "eps" and v < 0.1 and abs(v * 255 - round(v * 255)) < 1e-6:
+        return f"ε={round(v * 255)}/255"
+    return f"{'ε' if param == 'eps' else 'c'}={v:g}"

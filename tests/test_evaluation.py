@@ -87,7 +87,7 @@ def test_linear_model_analytic_accuracy_and_healthy():
     checks = {(c.id, c.attack, c.value): c for c in res.health}
     assert all(c.passed for c in res.health), [c.message for c in res.health]
     assert {c.id for c in res.health} == {"a", "b", "c", "d", "e", "f"}
-    assert checks[("a", "pgd_l2", None)].message.startswith("PGD-L2 at eps=10")
+    assert checks[("a", "pgd_l2", None)].message.startswith("PGD-L2 at ε=10")
     assert res.mean_robustness == pytest.approx(np.mean(want_l2 + want_linf + list(sq)))
     # Worst case over attacks: PGD is optimal on a linear model, so per eps it is PGD's value.
     wc = {(w.norm, w.value): w for w in res.worst_case}

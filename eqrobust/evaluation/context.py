@@ -18,7 +18,7 @@ from eqrobust import ops
 from eqrobust.attacks import _common, registry
 from eqrobust.classifier import Classifier
 from eqrobust.evaluation.cache import EvalCache, array_digest, key_digest
-from eqrobust.results import GradientInfo
+from eqrobust.results import GradientInfo, value_label
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -224,7 +224,7 @@ class Context:
                 self.y[:n],
                 batch_size=self.batch_size,
                 key=key,
-                desc=f"{spec.label} {spec.param}={value:.4g}",
+                desc=f"{spec.label} {value_label(spec.param, value)}",
                 progress=self.progress,
                 devices=self.devices,
             )

@@ -18,12 +18,13 @@ from eqrobust.results import (
     MaskingComparison,
     ModelResult,
     ResidualProbe,
+    value_label,
     wilson,
 )
 
 
 def _label(a: AttackResult, value: float) -> str:
-    return f"{a.label} {a.param}={value:.4g}"
+    return f"{a.label} {value_label(a.param, value)}"
 
 
 def check_large(name: str, a: AttackResult, max_accuracy: float) -> HealthCheck | None:
@@ -37,7 +38,7 @@ def check_large(name: str, a: AttackResult, max_accuracy: float) -> HealthCheck 
         value=None,
         passed=bool(ok),
         message=(
-            f"{a.label} at {a.param}={a.large.value:g}: accuracy {a.large.accuracy:.3f} "
+            f"{a.label} at {value_label(a.param, a.large.value)}: accuracy {a.large.accuracy:.3f} "
             f"(n={a.large.n}) " + ("~0" if ok else f"> {max_accuracy:g}: attack too weak or masked")
         ),
     )
@@ -52,7 +53,7 @@ def check_masking(cmp: MaskingComparison, label: str, tolerance: float) -> Healt
         value=cmp.value,
         passed=bool(ok),
         message=(
-            f"{label} eps={cmp.value:.4g}: white-box {cmp.white_accuracy:.3f} "
+            f"{label} {value_label('eps', cmp.value)}: white-box {cmp.white_accuracy:.3f} "
             f"vs Square {cmp.black_accuracy:.3f} (n={cmp.n})"
             + ("" if ok else " -> possible gradient masking")
         ),
@@ -83,7 +84,7 @@ def check_convergence(
         value=run.value,
         passed=bool(ok),
         message=(
-            f"{label} eps={run.value:.4g}: {run.steps} steps x{run.restarts} restarts "
+            f"{label} {value_label('eps', run.value)}: {run.steps} steps x{run.restarts} restarts "
             f"{run.accuracy:.3f} vs {run.strong_steps} steps x{run.strong_restarts} restarts "
             f"{run.strong_accuracy:.3f} (n={run.n}; zero gradients "
             f"{run.zero_gradient_fraction:.0%}): " + verdict

@@ -47,6 +47,7 @@ from eqrobust.results import (
     MaskingComparison,
     ResidualProbe,
     WorstCase,
+    value_label,
 )
 
 # stage(ctx, fields) -> new result fields; `fields` holds what earlier stages returned.
@@ -104,7 +105,7 @@ def _attack_one(
             ctx.gallery_adv = adv[: int(ctx.config.gallery.num_images)]
         ctx.correct[(name, value)] = out
         accs.append(float(out.mean()))
-        ctx.log(f"{spec.label} {spec.param}={value:.4g}: {accs[-1]:.4f} (n={n})")
+        ctx.log(f"{spec.label} {value_label(spec.param, value)}: {accs[-1]:.4f} (n={n})")
     large = None
     if acfg.large is not None:
         nh = ctx.config.health.num_examples

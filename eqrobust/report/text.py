@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from eqrobust.results import ModelResult, wilson  # noqa: F401  (wilson: re-exported)
+from eqrobust.results import ModelResult, value_label, wilson  # noqa: F401  (re-exported)
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
@@ -60,13 +60,6 @@ def flag_str(runs: Sequence[ModelResult], attack: str, value: float | None) -> s
     """' ⚠a,c' for the failed health checks that apply to one cell, else ''."""
     flags = sorted({f for m in runs for f in m.cell_flags(attack, value)})
     return " ⚠" + ",".join(flags) if flags else ""
-
-
-def value_label(param: str, v: float) -> str:
-    """A strength as people write it: ε=8/255 for small Linf radii, ε=0.5, c=0.01."""
-    if param == "eps" and v < 0.1 and abs(v * 255 - round(v * 255)) < 1e-6:
-        return f"ε={round(v * 255)}/255"
-    return f"{'ε' if param == 'eps' else 'c'}={v:g}"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
