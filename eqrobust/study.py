@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from eqrobust import compile_once, ep, host, report, spectrum
 from eqrobust import data as data_lib
-from eqrobust import ep, host, report, spectrum
 from eqrobust.attacks import pgd
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.cost import inference_cost
@@ -446,6 +446,7 @@ def run_study(
         if host.memory_map_fraction() > _MAP_FRACTION:  # before LLVM runs out of mappings
             logging.warning("freeing JAX's compiled programs before %s (memory maps)", run.key)
             jax.clear_caches()
+            compile_once.clear()
         ecfg = _merged(config.eval, overrides[run.key]) if run.key in overrides else config.eval
         models.append(
             evaluate_classifier(

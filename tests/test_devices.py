@@ -100,3 +100,70 @@ def test_memory_map_fraction_counts_this_process_and_grows_with_compiled_program
         f(jnp.ones(3)).block_until_ready()
     after = host.memory_map_fraction()
     assert 0.0 < before < after < 1.0, (before, after)
+
+
+# A fresh process with two host devices: `compile_once` compiles a program once and loads it
+# onto the other device; the loaded program gives the compiled one's results on its own device.
+_COMPILE_ONCE = textwrap.dedent(
+    """
+    import threading
+    import jax, jax.numpy as jnp, numpy as np
+    from eqrobust import compile_once
+    from eqrobust.evaluation.context import eval_devices
+
+    devs = eval_devices()  # installs compile_once on host devices
+    assert len(devs) == 2 and compile_once.install()
+
+    def f(x, w):
+        body = lambda i, h: jnp.tanh(h @ w + 0.1 * i)
+        return jax.lax.fori_loop(0, 7, body, x).sum(-1)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    w = rng.normal(size=(6, 6)).astype(np.float32)
+    jf = jax.jit(f)
+    c0 = compile_once.counts()
+    outs = [jf(jax.device_put(x, d), jax.device_put(w, d)) for d in devs]
+    c1 = compile_once.counts()
+    assert (c1["compiled"] - c0["compiled"], c1["loaded"] - c0["loaded"]) == (1, 1), (c0, c1)
+    assert [next(iter(o.devices())).id for o in outs] == [0, 1]
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
+    h = x.astype(np.float64)
+    for i in range(7):
+        h = np.tanh(h @ w + 0.1 * i)
+    np.testing.assert_allclose(np.asarray(outs[1]), h.sum(-1), rtol=1e-4, atol=1e-5)
+
+    # Concurrent first calls (as run_chunked makes them): one compiles, the other waits and loads.
+    jg = jax.jit(lambda x, w: f(x, w) * 3.0)
+    res = {}
+    def call(d):
+        res[d.id] = np.asarray(jg(jax.device_put(x, d), jax.device_put(w, d)))
+    ths = [threading.Thread(target=call, args=(d,)) for d in devs]
+    [t.start() for t in ths]
+    [t.join() for t in ths]
+    c2 = compile_once.counts()
+    assert (c2["compiled"] - c1["compiled"], c2["loaded"] - c1["loaded"]) == (1, 1), (c1, c2)
+    np.testing.assert_array_equal(res[0], res[1])
+
+    # Another shape is another program: compiled, not loaded.
+    jf(jax.device_put(x[:3], devs[1]), jax.device_put(w, devs[1]))
+    c3 = compile_once.counts()
+    assert (c3["compiled"] - c2["compiled"], c3["loaded"]) == (1, c2["loaded"]), (c2, c3)
+
+    # Uninstalled: JAX's own per-device compilation again.
+    compile_once.uninstall()
+    jh = jax.jit(lambda x, w: f(x, w) - 1.0)
+    [jh(jax.device_put(x, d), jax.device_put(w, d)) for d in devs]
+    assert compile_once.counts() == c3
+    print("OK")
+    """
+)
+
+
+def test_compile_once_loads_a_program_onto_the_other_host_device():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_ONCE], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from eqrobust import ops
+from eqrobust import compile_once, ops
 from eqrobust.attacks import _common, registry
 from eqrobust.classifier import Classifier
 from eqrobust.evaluation.cache import EvalCache, array_digest, key_digest
@@ -66,8 +66,11 @@ class _Placed:
 
 def eval_devices() -> tuple[jax.Device, ...]:
     """The devices an evaluation splits its chunks over: every local device of the default
-    backend when there are several (e.g. XLA:CPU split by `eqrobust.host.split_cpu`), else none."""
+    backend when there are several (e.g. XLA:CPU split by `eqrobust.host.split_cpu`), else none.
+    On host devices it installs `compile_once`: each program is compiled once, not per device."""
     devs = tuple(jax.local_devices())
+    if len(devs) > 1 and devs[0].platform == "cpu":
+        compile_once.install()  # one compilation per program, loaded onto the other devices
     return devs if len(devs) > 1 else ()
 
 
