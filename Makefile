@@ -27,7 +27,7 @@ data:
 	  "(see README); tests that need the real data are skipped."; fi
 
 # The EP study at cpu scale (runs/demo/report.md). The DEQ study is make deq-demo: both in one
-# demo measured 33 min 01 s on 2 cores (eighth session), over the 30-minute budget
+# demo measured 31 min 20 s on 2 cores (ninth session), over the 30-minute budget
 # (BUILD_NOTES, "DEQ study").
 demo: $(VENV)/.installed data
 	$(PY) -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
