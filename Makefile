@@ -1,7 +1,7 @@
 # The two commands of eqrobust (see README.md):
-#   make demo   set up .venv, get Fashion-MNIST, run the robustness study at cpu scale -> runs/demo/
+#   make demo   set up .venv, get Fashion-MNIST, run the EP and DEQ studies at cpu scale -> runs/demo/
 #   make test   set up .venv with the test extra, run pytest and ruff
-# Extras: make deq-demo (the DEQ study at cpu scale), make bench (side-by-side PyTorch
+# Extras: make deq-demo (the DEQ study with both DEQs), make bench (side-by-side PyTorch
 # benchmarks), make bench-gpu (the paper-scale GPU table; run it on a GPU machine), make clean.
 
 PYTHON ?= python3
@@ -26,14 +26,16 @@ data:
 	else echo "No apt-get: put the Fashion-MNIST IDX files in a folder and pass --data_dir" \
 	  "(see README); tests that need the real data are skipped."; fi
 
-# The EP study at cpu scale (runs/demo/report.md). The DEQ study is make deq-demo: both in one
-# demo measured 31 min 20 s on 2 cores (ninth session), over the 30-minute budget
-# (BUILD_NOTES, "DEQ study").
+# Every model family at cpu scale: the EP study (runs/demo/report.md), then the DEQ study of
+# the PGD-AT DEQ with the demo's EP-CNN under the same intermediate attacks
+# (runs/demo/deq/deq_report.md; the clean DEQ is in make deq-demo). BUILD_NOTES, "DEQ study".
 demo: $(VENV)/.installed data
 	$(PY) -m experiments.study --config=experiments/configs/study.py:cpu --workdir=runs/demo
+	$(PY) -m experiments.deq_study --config=experiments/configs/deq_study.py:cpu,ep,pgd_at \
+	  --workdir=runs/demo/deq --config.ep_workdir=runs/demo/ep_cnn
 
-# The DEQ robustness study at cpu scale (issue 12) -> runs/deq_demo/deq_report.md, with the
-# EP-CNN under the same intermediate attacks: the demo's EP-CNN (trained here if it is missing).
+# The whole DEQ robustness study at cpu scale (issue 12), clean and PGD-AT DEQ ->
+# runs/deq_demo/deq_report.md, with the demo's EP-CNN (trained here if it is missing).
 deq-demo: $(VENV)/.installed data
 	$(PY) -m experiments.deq_study --config=experiments/configs/deq_study.py:cpu,ep \
 	  --workdir=runs/deq_demo --config.ep_workdir=runs/demo/ep_cnn

@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from eqrobust.compile_options import normalized
+
 # How a gradient reaches the input through a fixed-point solve (the engine's `solve(grad=...)`
 # names): backprop through `depth` solver steps, the implicit function theorem at the solution,
 # or the phantom gradient of `depth` damped steps from the detached solution.
@@ -68,6 +70,11 @@ class Classifier:
             (x [B, H, W, C], key) -> logits [B, K]: one draw of the model's randomness. EOT
             attacks (`eot_iter` of PGD/APGD, AutoAttack version="rand") average their
             gradients over draws of it; their success is still judged with `logits_fn`.
+        compiler_options: XLA options for the programs that run this model, as
+            `compile_options.normalized` pairs (e.g. `(("xla_backend_optimization_level", 1),)`);
+            the evaluation compiles its attacks and probes under `compile_options.options` of
+            them. A speed choice per architecture: it must not change what is computed beyond
+            floating-point rounding. () means XLA's defaults.
     """
 
     logits_fn: Callable[[jax.Array], jax.Array]
@@ -79,8 +86,10 @@ class Classifier:
     test_time_optimization: bool = False
     residual_fn: Callable[[jax.Array], jax.Array] | None = None
     sample_logits_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    compiler_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "compiler_options", normalized(self.compiler_options))
         if self.sample_logits_fn is not None and not callable(self.sample_logits_fn):
             raise TypeError(
                 "Classifier.sample_logits_fn must be a callable (x, key) -> logits or None, "

@@ -7,6 +7,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from eqrobust import compile_options
 from eqrobust.classifier import Classifier
 
 
@@ -36,7 +37,7 @@ def inference_cost(
     bs = min(batch_size, n)
     if n % bs:
         raise ValueError(f"{n} images are not a multiple of batch_size={bs}; trim x")
-    fn = jax.jit(clf.logits_fn)
+    fn = compile_options.jit(clf.logits_fn)
     fn(x[:bs]).block_until_ready()  # compile
     best = float("inf")
     for _ in range(max(int(repeats), 1)):

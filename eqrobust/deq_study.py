@@ -10,6 +10,7 @@ Success is always judged on the prediction the (defended) model actually makes.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -28,9 +29,9 @@ from flax import nnx
 from jax import lax
 from tqdm.auto import tqdm
 
+from eqrobust import compile_options, ops, spectrum
 from eqrobust import data as data_lib
 from eqrobust import defenses as D
-from eqrobust import ops, spectrum
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import autoattack, pgd, square
 from eqrobust.attacks import intermediate as I
@@ -366,7 +367,7 @@ def _defense_row(
     return res
 
 
-@jax.jit
+@compile_options.jit
 def _along(dyn: Dynamics, x: jax.Array, y: jax.Array) -> tuple[jax.Array, ...]:
     """Per solver state: relative residual, prediction entropy, correctness; each [N, B]."""
     zs = dyn.trajectory(x)
@@ -448,6 +449,18 @@ def _evaluate_model(
     config: ml_collections.ConfigDict,
     lane: tuple[ThreadPoolExecutor, jax.Device] | None = None,
 ) -> DeqModelResult:
+    """`_evaluate_deq` compiled with the DEQ's compiler options (`Classifier.compiler_options`)."""
+    with compile_options.options(trained.classifier.compiler_options):
+        return _evaluate_deq(key, trained, s, config, lane)
+
+
+def _evaluate_deq(
+    key: str,
+    trained: Trained,
+    s: _Setup,
+    config: ml_collections.ConfigDict,
+    lane: tuple[ThreadPoolExecutor, jax.Device] | None,
+) -> DeqModelResult:
     """All measurements of one trained DEQ.
 
     With a second lane (an executor and its host device), the entropy-reduction row (its own
@@ -472,8 +485,8 @@ def _evaluate_model(
         defenses.remove("entropy")
         er_attacks = tuple(config.defense_attacks["entropy"])
         aside["entropy"] = lane[0].submit(
-            _defense_row, "entropy", _on_device(model, lane[1]), final_x_adv.result, s,
-            er_attacks, bar, -1, timing,
+            contextvars.copy_context().run, _defense_row, "entropy",
+            _on_device(model, lane[1]), final_x_adv.result, s, er_attacks, bar, -1, timing,
         )  # fmt: skip
     t0 = time.perf_counter()
     try:

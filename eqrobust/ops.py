@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -12,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 from tqdm.auto import tqdm
+
+from eqrobust import compile_options
 
 Array = jax.Array
 
@@ -141,7 +144,7 @@ def normalize(x: Array, mean: ArrayLike, std: ArrayLike) -> Array:
     return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
 
-@jax.jit
+@compile_options.jit
 def _image_stats(x: Array) -> tuple[Array, Array, Array]:
     """(number of non-finite values, min and max over the finite values) in one pass."""
     finite = jnp.isfinite(x)
@@ -292,11 +295,18 @@ def run_chunked(
         return jax.tree.map(lambda o: np.asarray(o)[:m], jax.device_get(out))
 
     starts = list(range(0, n, bs))
+    # Pool threads start with an empty context: run each chunk in a copy of the caller's, so
+    # `compile_options.options` (and any other context variable) reaches the programs.
+    caller = contextvars.copy_context()
+
+    def in_context(i: int, start: int) -> Any:
+        return caller.copy().run(one, i, start)
+
     outs: list[Any] = []
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
     with ThreadPoolExecutor(len(devs)) if len(devs) > 1 else nullcontext() as pool:
         results = (
-            pool.map(one, range(len(starts)), starts)  # in order, as each finishes
+            pool.map(in_context, range(len(starts)), starts)  # in order, as each finishes
             if pool is not None
             else (one(i, start) for i, start in enumerate(starts))
         )

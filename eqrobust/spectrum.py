@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from eqrobust import ep
+from eqrobust import compile_options, ep
 
 Array = jax.Array
 # f(z, x) -> z: batched pytree states z (leading batch axis), x [B, ...].
@@ -147,7 +147,7 @@ def leading_eigenvalues(
         [B, top] complex128; column 0's magnitude is the spectral-radius estimate.
     """
     key = jax.random.PRNGKey(0) if key is None else key
-    h = jax.jit(hessenberg_batch, static_argnums=0, static_argnames=("k", "mode"))(
+    h = compile_options.jit(hessenberg_batch, static_argnums=0, static_argnames=("k", "mode"))(
         f, z_star, x, k=k, key=key, mode=mode
     )
     return ritz_values(h, top)
@@ -211,7 +211,7 @@ def spectrum_clean_vs_adversarial(
     if x.shape != x_adv.shape:
         raise ValueError(f"x {x.shape} and x_adv {x_adv.shape} must have the same shape")
     key = jax.random.PRNGKey(0) if key is None else key
-    fp = jax.jit(fixed_point)
+    fp = compile_options.jit(fixed_point)
     out = []
     for xs in (x, x_adv):
         eigs = []

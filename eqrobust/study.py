@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from eqrobust import compile_once, ep, host, report, spectrum
+from eqrobust import compile_once, compile_options, ep, host, report, spectrum
 from eqrobust import data as data_lib
 from eqrobust.attacks import pgd
 from eqrobust.classifier import Classifier, GradientPath
@@ -87,7 +87,7 @@ def ep_gradient_check(trained: Trained, data: Any, name: str, n: int = 64) -> st
     x = data_lib.to_float(data.x_train[:n])
     y = jnp.asarray(data.y_train[:n])
 
-    @jax.jit
+    @compile_options.jit
     def both(p):
         g_ep, aux = ep.ep_gradient(p, x, y, cfg)
         g_imp = jax.grad(lambda q: ep.loss_at_fixed_point(q, x, y, cfg, grad="implicit"))(p)

@@ -16,7 +16,7 @@ from eqrobust.evaluation.probes import (
     gradient_probe,
     prediction_with_gradient,
 )
-from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier
+from eqrobust.models.deq import DEQNet, DEQSolver, deq_classifier, deq_compiler_options
 
 
 def _model(max_iter: int = 4, branches: int = 2, **kw) -> DEQNet:
@@ -220,3 +220,19 @@ def test_prediction_with_gradient_is_the_prediction_forward_and_the_path_backwar
         assert split.correlation == pytest.approx(whole.correlation, abs=1e-9)
         assert split.relative_error == pytest.approx(whole.relative_error, abs=1e-9)
     assert gradient_path_probe(predict, predict, x, y, key=key).correlation > 0.9999
+
+
+def test_deq_classifiers_and_their_defences_carry_the_deq_compiler_options():
+    want = (("xla_backend_optimization_level", 1),) if jax.default_backend() == "cpu" else ()
+    assert deq_compiler_options() == want
+    m = _model()
+    clf = deq_classifier(m)
+    assert clf.compiler_options == want
+    for c in (
+        D.early_state(m, 1),
+        D.early_state(clf, 1),
+        D.ensemble_state(m),
+        D.ensemble_state(clf),
+        D.entropy_reduction(m, D.EntropyReduction(t_f=2, r=1)),
+    ):
+        assert c.compiler_options == want, c.name

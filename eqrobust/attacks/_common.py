@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from eqrobust import ops
+from eqrobust import compile_options, ops
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 NORMS = ("linf", "l2")
@@ -43,7 +43,7 @@ def as_pytree_fn(logits_fn: LogitsFn) -> jax.tree_util.Partial:
     return jax.tree_util.Partial(logits_fn)
 
 
-@jax.jit
+@compile_options.jit
 def _apply(logits_fn: jax.tree_util.Partial, x: jax.Array) -> jax.Array:
     return logits_fn(x)
 

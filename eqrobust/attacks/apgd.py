@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from eqrobust import compile_options
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import losses
 
@@ -139,7 +140,7 @@ def _apgd_single(
 
 
 @functools.partial(
-    jax.jit,
+    compile_options.jit,
     static_argnames=("norm", "steps", "loss", "targeted", "n_targets", "restarts", "eot_iter"),
 )
 def _apgd(

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from eqrobust import compile_options
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import losses
 
@@ -35,7 +36,9 @@ def _to_img(w: jax.Array) -> jax.Array:
     return (jnp.tanh(w) + 1.0) / 2.0
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "binary_search_steps", "abort_early"))
+@functools.partial(
+    compile_options.jit, static_argnames=("steps", "binary_search_steps", "abort_early")
+)
 def _cw(logits_fn, x, y, c0, lr, confidence, active, *, steps, binary_search_steps, abort_early):
     b = x.shape[0]
     w0 = jnp.arctanh(jnp.clip(2.0 * x - 1.0, -1 + 1e-6, 1 - 1e-6))

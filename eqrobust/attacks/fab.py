@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from eqrobust import compile_options
 from eqrobust.attacks import _common as C
 
 
@@ -154,7 +155,7 @@ def _fab_single(
 
 
 @functools.partial(
-    jax.jit,
+    compile_options.jit,
     static_argnames=(
         "norm",
         "steps",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from eqrobust import solvers
+from eqrobust import compile_options, solvers
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import losses
 from eqrobust.attacks.pgd import random_start_pgd
@@ -145,13 +145,13 @@ def _ensemble_grad(dyn, zs, xa, y, idxs, unroll, lam):
     return jax.grad(loss)(xa)
 
 
-@functools.partial(jax.jit, static_argnames=("unroll",))
+@functools.partial(compile_options.jit, static_argnames=("unroll",))
 def _unrolled_grad_jit(dyn, x, y, idxs, lam, *, unroll):
     zs = dyn.trajectory(x)
     return jax.vmap(lambda i: _unrolled_grad(dyn, zs, x, y, i, unroll, lam))(idxs)
 
 
-@functools.partial(jax.jit, static_argnames=("unroll",))
+@functools.partial(compile_options.jit, static_argnames=("unroll",))
 def _ensemble_grad_jit(dyn, x, y, idxs, lam, *, unroll):
     return _ensemble_grad(dyn, dyn.trajectory(x), x, y, idxs, unroll, lam)
 
@@ -394,7 +394,8 @@ def _pgd_loop(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("unroll", "steps", "random_start", "recompute", "state_batch")
+    compile_options.jit,
+    static_argnames=("unroll", "steps", "random_start", "recompute", "state_batch"),
 )
 def _unrolled_pgd(
     dyn,
@@ -439,7 +440,7 @@ def _unrolled_pgd(
     return lax.map(one, (idxs, keys), batch_size=state_batch)
 
 
-@functools.partial(jax.jit, static_argnames=("unroll", "steps", "random_start"))
+@functools.partial(compile_options.jit, static_argnames=("unroll", "steps", "random_start"))
 def _ensemble_pgd(
     dyn, predict, joint, x, y, key, idxs, eps, ss, lam, active, *, unroll, steps, random_start
 ):
@@ -818,7 +819,7 @@ def _adjoint_run(dyn, x, y, *, n_steps, beta, tol, transpose):
     return AdjointResult(grads, ws, uvec, res)
 
 
-@functools.partial(jax.jit, static_argnames=("n_steps", "transpose"))
+@functools.partial(compile_options.jit, static_argnames=("n_steps", "transpose"))
 def _adjoint_jit(dyn, x, y, beta, tol, *, n_steps, transpose):
     return _adjoint_run(dyn, x, y, n_steps=n_steps, beta=beta, tol=tol, transpose=transpose)
 
@@ -866,7 +867,9 @@ def simultaneous_adjoint(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("n_steps", "transpose", "steps", "random_start"))
+@functools.partial(
+    compile_options.jit, static_argnames=("n_steps", "transpose", "steps", "random_start")
+)
 def _adjoint_pgd(
     dyn,
     predict,

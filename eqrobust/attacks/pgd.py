@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from eqrobust import compile_options
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import losses
 
@@ -55,7 +56,8 @@ def _pgd_single(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("norm", "steps", "random_start", "restarts", "loss", "eot_iter")
+    compile_options.jit,
+    static_argnames=("norm", "steps", "random_start", "restarts", "loss", "eot_iter"),
 )
 def _pgd(
     logits_fn, sample_fn, x, y, key, eps, step_size, active, *, norm, steps, random_start,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqrobust import compile_options
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import losses
 
@@ -130,7 +131,9 @@ def _l2_init(key: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array:
     return jnp.clip(x + eps * delta, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "queries", "p_init", "rescale", "loss"))
+@functools.partial(
+    compile_options.jit, static_argnames=("norm", "queries", "p_init", "rescale", "loss")
+)
 def _square(logits_fn, x, y, key, eps, active, *, norm, queries, p_init, rescale, loss):
     b, h, w, c = x.shape
     n_feat = h * w * c

@@ -14,6 +14,7 @@ from jax import lax
 from eqrobust import solvers
 from eqrobust.classifier import Classifier, GradientPath
 from eqrobust.defenses.states import merged_eval, readout_all
+from eqrobust.models.deq import deq_compiler_options
 
 # How the input gradient of the defended prediction is formed (the forward value is the same):
 #   "none": no gradient (the solves carry none; the purified input is a constant).
@@ -376,4 +377,5 @@ def entropy_reduction(
         prediction_depth=sp.f_max_iter,
         gradient=grad,
         test_time_optimization=True,
+        compiler_options=deq_compiler_options(),
     )

@@ -15,6 +15,7 @@ from eqrobust import solvers
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import pgd
 from eqrobust.classifier import Classifier, GradientPath
+from eqrobust.models.deq import deq_compiler_options
 
 ENSEMBLE_AVERAGES = ("softmax", "state")
 
@@ -150,6 +151,7 @@ def early_state(model_or_classifier: Any, index: int, *, name: str | None = None
             name=name or f"{c.name}@z{int(index)}",
             prediction_depth=int(index),
             gradient=None,
+            compiler_options=c.compiler_options,
         )
     graphdef, state = nnx.split(model_or_classifier)
     return Classifier(
@@ -157,6 +159,7 @@ def early_state(model_or_classifier: Any, index: int, *, name: str | None = None
         name=name or f"DEQ@z{int(index)}",
         prediction_depth=int(index),
         gradient=GradientPath("unrolled", int(index)),
+        compiler_options=deq_compiler_options(),
     )
 
 
@@ -192,6 +195,7 @@ def ensemble_state(
             trajectory_fn=tf,
             prediction_depth=c.prediction_depth,
             gradient=None,
+            compiler_options=c.compiler_options,
         )
     graphdef, state = nnx.split(model_or_classifier)
     progs = _programs(graphdef)
@@ -202,6 +206,7 @@ def ensemble_state(
         trajectory_fn=jax.tree_util.Partial(progs["trajectory"], state),
         prediction_depth=n,
         gradient=GradientPath("unrolled", n),
+        compiler_options=deq_compiler_options(),
     )
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqrobust import ops
+from eqrobust import compile_options, ops
 from eqrobust.attacks import _common as C
 from eqrobust.attacks import losses
 from eqrobust.results import DeterminismProbe, GradientProbe, ResidualProbe
@@ -74,7 +74,7 @@ def gradient_probe(
         x = jnp.asarray(x, jnp.float64)
         y = jnp.asarray(y, jnp.int32)
         x0, d = _probe_points(x, key, directions, interior)
-        margin = jax.jit(lambda xx: _margin(fn, xx, y))
+        margin = compile_options.jit(lambda xx: _margin(fn, xx, y))
         dtype = str(margin(x0).dtype)
         grad = jax.grad(lambda xx: jnp.sum(_margin(fn, xx, y)))(x0)
         autodiff = jnp.sum((grad[None] * d).reshape(directions, x.shape[0], -1), axis=-1)
@@ -116,7 +116,7 @@ def _summary(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("loss",))
+@functools.partial(compile_options.jit, static_argnames=("loss",))
 def _zero_loss_gradient(logits_fn, x, y, *, loss):
     g = jax.grad(lambda xx: jnp.sum(losses.objective(loss, logits_fn(xx), y, None)))(x)
     return jnp.all(g.reshape(x.shape[0], -1) == 0, axis=1)
@@ -178,7 +178,7 @@ def prediction_with_gradient(predict: LogitsFn, grad_logits: LogitsFn) -> jax.tr
 # The probe programs run once on a few images: compile them fast (XLA:CPU's LLVM optimisation
 # dominates their cost; the optimised attack programs stay as they are).
 _probe_jit = functools.partial(
-    jax.jit,
+    compile_options.jit,
     compiler_options={
         "xla_backend_optimization_level": 0,
         "xla_llvm_disable_expensive_passes": True,
@@ -332,7 +332,7 @@ def residual_probe(
     """Relative residual of the predicted state on images x [N, H, W, C] (a fixed point that was
     not reached means the "equilibrium" prediction is an arbitrary unrolled net: gradients of an
     implicit or phantom path then need not match it)."""
-    fn = jax.jit(lambda xx: residual_fn(xx.astype(jnp.float32)))
+    fn = compile_options.jit(lambda xx: residual_fn(xx.astype(jnp.float32)))
     r = np.asarray(ops.run_chunked(fn, np.asarray(x), batch_size=batch_size), np.float64)
     return ResidualProbe(
         mean=float(r.mean()), median=float(np.median(r)), max=float(r.max()), n=int(len(r))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from eqrobust import compile_options
 from eqrobust.attacks._common import num_classes
 from eqrobust.classifier import Classifier
 from eqrobust.evaluation import health, stages
@@ -112,10 +113,11 @@ def evaluate_classifier(
     )
     fields: dict[str, Any] = {}
     seconds: dict[str, float] = {}
-    for name, stage in stage_list:
-        t0 = time.perf_counter()
-        fields.update(stage(ctx, fields))
-        seconds[name] = time.perf_counter() - t0
+    with compile_options.options(classifier.compiler_options):
+        for name, stage in stage_list:
+            t0 = time.perf_counter()
+            fields.update(stage(ctx, fields))
+            seconds[name] = time.perf_counter() - t0
     seconds.update(ctx.stage_seconds)
     if ctx.cache is not None:
         ctx.log(

@@ -613,6 +613,17 @@ def _eval_apply(graphdef: nnx.GraphDef, ift: bool | None, what: str):
     return apply
 
 
+def deq_compiler_options() -> tuple[tuple[str, Any], ...]:
+    """XLA options for a DEQ's programs on the default backend (`Classifier.compiler_options`).
+
+    On XLA:CPU, LLVM optimisation level 1: the DEQ's attack programs (a Broyden solve inside an
+    attack loop) run ~1.4x faster than at XLA's default level 2, compile in about the same time
+    and give the same robust counts (BUILD_NOTES.md, "Compiler options per model"); the EP-CNN's
+    are slower at level 1, hence per model. Other backends: XLA's defaults.
+    """
+    return (("xla_backend_optimization_level", 1),) if jax.default_backend() == "cpu" else ()
+
+
 def deq_classifier(model: DEQNet, *, ift: bool | None = None, name: str = "DEQ") -> Classifier:
     """The eval-mode `Classifier` of a DEQ, its gradient path declared.
 
@@ -636,6 +647,7 @@ def deq_classifier(model: DEQNet, *, ift: bool | None = None, name: str = "DEQ")
         prediction_depth=model.solver.f_max_iter,
         gradient=model.solver.gradient_path(ift),
         residual_fn=jax.tree_util.Partial(_eval_apply(graphdef, ift, "residual"), state),
+        compiler_options=deq_compiler_options(),
     )
 
 

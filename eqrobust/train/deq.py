@@ -18,10 +18,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from eqrobust import compile_options
 from eqrobust import data as data_lib
 from eqrobust.attacks import pgd
 from eqrobust.models import build_model
-from eqrobust.models.deq import DEQNet, deq_classifier
+from eqrobust.models.deq import DEQNet, deq_classifier, deq_compiler_options
 from eqrobust.train import Trained
 from eqrobust.train.loop import accuracy, fit
 from eqrobust.train.supervised import cross_entropy, load_data
@@ -241,7 +242,7 @@ def make_validator(steps: _Steps, config: ml_collections.ConfigDict, x_val, y_va
     val_bs = int(config.get("eval_batch_size", 500))
     forward = steps.forward
 
-    @jax.jit
+    @compile_options.jit
     def val_clean(state, x):
         out, _ = forward(state["params"], state["rest"], x, train=False, final_residual=True)
         return out.logits, out.residual, out.steps, out.final_residual
@@ -298,6 +299,9 @@ def train(
 ) -> Trained:
     """Trains (or resumes, or loads) the DEQ of `config`; selects the best epoch on validation.
 
+    Its programs compile with the DEQ's compiler options (`models.deq.deq_compiler_options`),
+    as the evaluation's do.
+
     Args:
         config: see eqrobust/configs/deq.py (objective, random_intermediate, jac, adv, val, ...).
         workdir: checkpoints, metrics.jsonl (fit's rows plus one "val" row per epoch), best/
@@ -309,6 +313,13 @@ def train(
         gradient path declared; history holds fit's rows, the validation rows and a final row
         with the selected model's test accuracy.
     """
+    with compile_options.options(deq_compiler_options()):
+        return _train(config, workdir, stop_at_step)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str | Path | None, stop_at_step: int | None
+) -> Trained:
     objective = config.get("objective", "clean")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
@@ -429,7 +440,7 @@ def _stored_selection(wd: Path | None) -> dict | None:
     return stored if isinstance(stored, dict) and "test_accuracy" in stored else None
 
 
-@jax.jit
+@compile_options.jit
 def _apply(logits_fn: jax.tree_util.Partial, x: jax.Array) -> jax.Array:
     return logits_fn(x)
 

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from eqrobust import compile_options, energy, ep
 from eqrobust import data as data_lib
-from eqrobust import energy, ep
 from eqrobust.energy import Params
 from eqrobust.models import Classifier, build_model, logits_fn
 from eqrobust.train import Trained, get_trainer
@@ -174,7 +174,7 @@ def compare_with_teacher(
         test_state_mse_l{i} (mean over examples and units) when the student has states.
     """
 
-    @jax.jit
+    @compile_options.jit
     def batch_stats(xb: jax.Array, yb: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
         s_states, s_logits = student_fn(xb)
         t_states, t_logits = teacher_targets(teacher.params, teacher.cfg, xb)

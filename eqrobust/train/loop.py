@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
+from eqrobust import compile_options
 from eqrobust import data as data_lib
 
 TrainStep = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[Any, dict[str, jax.Array]]]
@@ -235,7 +236,7 @@ def _step_fn(config: ml_collections.ConfigDict, train_step: TrainStep) -> Callab
     aug = config.get("augment", None) if "augment" in config else None
     base_key = jax.random.PRNGKey(int(config.seed))
 
-    @jax.jit
+    @compile_options.jit
     def step_fn(state: Any, x: jax.Array, y: jax.Array, step: jax.Array) -> tuple[Any, dict]:
         key = jax.random.fold_in(base_key, step)
         k_aug, k_step = jax.random.split(key)
@@ -304,7 +305,7 @@ def fit(
     store.check_config(config)
     state, step = store.restore(init_state, total)
     step_fn = _step_fn(config, train_step)
-    eval_jit = jax.jit(eval_logits)
+    eval_jit = compile_options.jit(eval_logits)
     eval_bs = int(_opt(config, "eval_batch_size", 500))
 
     end = total if stop_at_step is None else min(total, int(stop_at_step))
