@@ -442,6 +442,12 @@ def _on_device(model: DEQNet, device: jax.Device) -> DEQNet:
     return nnx.merge(graphdef, ops.place(state, device))
 
 
+# The defence rows the second lane takes, in order: entropy reduction (its own attacks cost
+# about as much as all the others), then the ensemble state, which balances the two lanes
+# (BUILD_NOTES.md, "DEQ study"). The early state needs the main lane's state selection.
+LANE_ROWS = ("entropy", "ensemble")
+
+
 def _evaluate_model(
     key: str,
     trained: Trained,
@@ -463,10 +469,10 @@ def _evaluate_deq(
 ) -> DeqModelResult:
     """All measurements of one trained DEQ.
 
-    With a second lane (an executor and its host device), the entropy-reduction row (its own
-    attacks cost about as much as all the others) runs there on a copy of the model, beside the
-    final-state attacks and the other defences; its transfer row waits for the final-state
-    x_adv. The numbers are those of the serial run: every attack has its own key and inputs.
+    With a second lane (an executor and its host device), the rows of `LANE_ROWS` run there,
+    in that order, on a copy of the model, beside the final-state attacks and the other
+    defences; their transfer rows wait for the final-state x_adv. The numbers are those of the
+    serial run: every attack has its own key and inputs.
     """
     timing: dict[str, float] = {}
     c0 = compile_seconds()
@@ -481,12 +487,13 @@ def _evaluate_deq(
     bar = tqdm(total=2 + len(defenses), desc=f"DEQ study {trained.config.name}", leave=False)
     final_x_adv: Future = Future()
     aside = {}
-    if lane is not None and "entropy" in defenses:
-        defenses.remove("entropy")
-        er_attacks = tuple(config.defense_attacks["entropy"])
-        aside["entropy"] = lane[0].submit(
-            contextvars.copy_context().run, _defense_row, "entropy",
-            _on_device(model, lane[1]), final_x_adv.result, s, er_attacks, bar, -1, timing,
+    on_lane = [d for d in LANE_ROWS if d in defenses] if lane is not None else []
+    lane_model = _on_device(model, lane[1]) if on_lane else None
+    for name in on_lane:  # one worker: the rows run one after the other
+        defenses.remove(name)
+        aside[name] = lane[0].submit(
+            contextvars.copy_context().run, _defense_row, name, lane_model,
+            final_x_adv.result, s, tuple(config.defense_attacks[name]), bar, -1, timing,
         )  # fmt: skip
     t0 = time.perf_counter()
     try:

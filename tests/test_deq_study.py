@@ -224,19 +224,23 @@ rows = []
 for model in (m, S._on_device(m, devs[1])):
     dev = {ops.device_of(v) for v in jax.tree.leaves(nnx.state(model))}
     bar = tqdm(disable=True)
-    rows.append(S._defense_row("entropy", model, dict, s, ("square",), bar, -1, {}))
-    rows[-1] = (rows[-1], dev)
-(serial, d0), (lane, d1) = rows
+    er = S._defense_row("entropy", model, dict, s, ("square",), bar, -1, {})
+    ens = S._defense_row("ensemble", model, dict, s, ("adaptive",), bar, -1, {})
+    rows.append((er, ens, dev))
+(serial, ens0, d0), (lane, ens1, d1) = rows
 assert d0 == {devs[0]} and d1 == {devs[1]}, (d0, d1)
 assert serial == lane, (serial, lane)
+assert ens0 == ens1, (ens0, ens1)
 assert 0 < serial.attacks["square"].accuracy < serial.clean.accuracy  # a real comparison
+assert ens0.attacks["adaptive"].accuracy < ens0.clean.accuracy
+assert set(S.LANE_ROWS) <= set(S.DEFENSES)
 print("OK")
 """
 
 
 def test_a_lane_on_the_second_device_gives_the_serial_row():
-    """The entropy-reduction row run on a copy of the DEQ on host device 1 (the study's second
-    lane) equals the row on device 0, attack for attack."""
+    """The rows the study's second lane runs (entropy reduction, ensemble state) on a copy of the
+    DEQ on host device 1 equal the rows on device 0, attack for attack."""
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
     )
