@@ -65,7 +65,8 @@ def jit(fun: Callable | None = None, /, **jit_kwargs: Any) -> Callable:
     """`jax.jit(fun, **jit_kwargs)` compiled with the calling context's `options`.
 
     Usable as `@jit`, `@functools.partial(jit, static_argnames=...)` or `jit(fun, ...)`.
-    The returned function also has `variants()`: the option sets it was called with. An explicit
+    The returned function also has `variants()`, the option sets it was called with, and
+    `_cache_size()`, jax.jit's count of compiled programs summed over them. An explicit
     `compiler_options=` fixes the options (plain `jax.jit`; the context is ignored): for programs
     whose options do not depend on the model, e.g. the evaluation's run-once probes.
     """
@@ -96,6 +97,8 @@ def jit(fun: Callable | None = None, /, **jit_kwargs: Any) -> Callable:
             _current.reset(token)
 
     call.variants = lambda: tuple(variants)  # type: ignore[attr-defined]
+    # jax.jit's count of compiled programs, over every variant (tests check for recompilation).
+    call._cache_size = lambda: sum(f._cache_size() for f in variants.values())  # type: ignore[attr-defined]
     return call
 
 

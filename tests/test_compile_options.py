@@ -35,6 +35,9 @@ def test_each_option_set_gets_its_own_program_with_the_same_result():
             assert compile_options.current() == ()
     assert compile_options.current() == ()
     assert f.variants() == ((), (("xla_backend_optimization_level", 1),))
+    assert f._cache_size() == 2  # one program per option set
+    f(x)
+    assert f._cache_size() == 2  # called again: no recompilation
     np.testing.assert_allclose(y0, ref, rtol=1e-5)
     np.testing.assert_allclose(y1, ref, rtol=1e-5)
 
