@@ -189,6 +189,39 @@ def test_fab_projection_is_the_box_constrained_minimum(norm):
     assert checked >= 8
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_projection_by_newton_equals_the_sorted_breakpoint_solution(norm, monkeypatch):
+    """Image-sized rows (D = 784, pixels at exactly 0 and 1 as in real images, some zero
+    weights, reachable and unreachable hyperplanes), float64: the Newton solve equals the
+    O(D log D) sorted-breakpoint solve (forced with NEWTON_MAX_ITER = 0) without falling back to
+    it, meets the hyperplane
+    where reachable, and rows that exhaust the Newton budget fall back to the sorted solve."""
+    rng = np.random.default_rng(5)
+    n, d = 64, 784
+    p = rng.uniform(0, 1, (n, d))
+    p[rng.uniform(size=(n, d)) < 0.4] = 0.0  # background
+    p[rng.uniform(size=(n, d)) < 0.05] = 1.0
+    w = rng.normal(size=(n, d)) * rng.exponential(size=(n, 1))
+    w[rng.uniform(size=(n, d)) < 0.2] = 0.0
+    c = rng.normal(size=n) * np.geomspace(1e-3, 1e3, n)  # the last rows out of the box's reach
+    with jax.enable_x64(True):
+        args = (jnp.asarray(p), jnp.asarray(w), jnp.asarray(np.sum(w * p, 1) + c), norm)
+        with monkeypatch.context() as m:  # Newton alone solves every row within its budget
+            m.setattr(fab_mod, "_sorted_lambda", lambda a, beta, c: jnp.full_like(c, jnp.nan))
+            newton = np.asarray(fab_mod.project_hyperplane(*args))
+        assert np.all(np.isfinite(newton))
+        for budget in (0, 2):  # everything sorted; most rows unfinished after 2 Newton steps
+            monkeypatch.setattr(fab_mod, "NEWTON_MAX_ITER", budget)
+            sorted_ = np.asarray(fab_mod.project_hyperplane(*args))
+            np.testing.assert_allclose(newton, sorted_, rtol=1e-10, atol=1e-12)
+    reach = np.abs(c) < np.sum(np.abs(w) * np.where(w * np.sign(c)[:, None] > 0, 1 - p, p), 1)
+    assert 8 <= reach.sum() < n  # both kinds of rows are present
+    np.testing.assert_allclose(np.sum(w * newton, 1)[reach], c[reach], rtol=1e-9, atol=1e-9)
+    assert np.all(newton >= -p - 1e-12) and np.all(newton <= 1 - p + 1e-12)
+    full = np.where(w * np.sign(c)[:, None] > 0, 1 - p, -p) * (w != 0)  # saturated step
+    np.testing.assert_allclose(newton[~reach], full[~reach], atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- invariants
 
 SHAPES = [(3, 6, 6, 1), (2, 5, 6, 3)]
