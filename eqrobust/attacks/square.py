@@ -177,10 +177,17 @@ def _square(logits_fn, x, y, key, eps, active, *, norm, queries, p_init, rescale
             inside, _, _ = _window(vh, vw, s, h, w)
             win = inside[..., None]
             signs = jax.random.rademacher(ki[2], (_SIGN_DRAWS, b, 1, 1, c), x.dtype)
-            cand = jnp.clip(jnp.clip(x_best + win * 2 * eps * signs, x - eps, x + eps), 0.0, 1.0)
-            changed = jnp.any((jnp.abs(cand - x_best) >= 1e-7) & win, axis=(2, 3, 4))  # [D, B]
+            # A draw's window holds -2 eps or +2 eps per channel, so the two candidates of each
+            # channel say which draws change the image (not one candidate image per draw).
+            pm = jnp.asarray([-1.0, 1.0], x.dtype).reshape(2, 1, 1, 1, 1)
+            cand = jnp.clip(jnp.clip(x_best + 2 * eps * pm, x - eps, x + eps), 0.0, 1.0)
+            moves = jnp.any((jnp.abs(cand - x_best) >= 1e-7) & win, axis=(2, 3))  # [2, B, C]
+            pos = signs[:, :, 0, 0, :] > 0  # [D, B, C]
+            changed = jnp.any(jnp.where(pos, moves[1], moves[0]), axis=-1)  # [D, B]
             first = jnp.where(jnp.any(changed, 0), jnp.argmax(changed, 0), _SIGN_DRAWS - 1)
-            x_new = jnp.take_along_axis(cand, first[None, :, None, None, None], axis=0)[0]
+            sign = jnp.take_along_axis(signs, first[None, :, None, None, None], axis=0)[0]
+            rest = jnp.clip(jnp.clip(x_best, x - eps, x + eps), 0.0, 1.0)
+            x_new = jnp.where(win, jnp.where(sign > 0, cand[1], cand[0]), rest)
         else:
             s = jnp.maximum(jnp.round(jnp.sqrt(p * n_feat / c)).astype(jnp.int32), 3)
             s = jnp.minimum(s + (s % 2 == 0), side - 1)
