@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from eqrobust import compile_options
 from eqrobust.attacks import _common as C
 
-
 # Newton iterations before the exact sorted solve takes over (never reached on FAB's steps:
 # 5-6 iterations on the trained BP-CNN's gradients and on random data, BUILD_NOTES).
 NEWTON_MAX_ITER = 50
