@@ -46,12 +46,16 @@ class Timing:
         )
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
-    """Warms each candidate up once, then times them in alternation for `repeats` rounds.
+def alternate(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: bool = True
+) -> dict[str, Timing]:
+    """Warms each candidate up once (unless `warmup` is False: for calls of minutes, where the
+    first call's compilation is a small part and counts against the compiled side), then times
+    them in alternation for `repeats` rounds.
 
     Each fn must block until its result is ready.
     """
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     loads: dict[str, list[float]] = {k: [] for k in fns}

@@ -41,6 +41,9 @@ def test_fair_protocol_alternates_and_flags_overlapping_spreads():
     order = []
     res = fair.alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3)
     assert order == ["a", "b"] * 4  # one warm-up each, then strictly alternating rounds
+    order.clear()
+    fair.alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 2, False)
+    assert order == ["a", "b"] * 2  # warmup=False: the timed rounds only
     assert all(t.n == 3 and t.low <= t.median <= t.high for t in res.values())
     slow = fair.Timing(2.0, 1.9, 2.1, 0.0, 3)
     fast = fair.Timing(1.0, 0.9, 1.1, 0.0, 3)

@@ -247,6 +247,8 @@ def _attack_table(a: str, runs_by: dict[str, list[ModelResult]], total: int) -> 
     )
     if any(runs[0].attacks[a].reduced for runs in runs_by.values()):
         settings += f"; **reduced budget: weaker than standard {res0.label.split('-')[0]}**"
+    elif a.startswith("autoattack_"):  # standard and "rand" versions alike
+        settings += "; full budget of its version"
     ns = {n: runs[0].attacks[a].n for n, runs in runs_by.items()}
     return [
         f"### {res0.label} ({res0.box}-box; {settings})",
