@@ -122,57 +122,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         cheap = ml_collections.ConfigDict(dict(attacks=("pgd_l2", "pgd_linf", "square_linf")))
         c.eval_overrides = ml_collections.ConfigDict(dict(ep_cnn=cheap))
     elif scale == "cpu":
-        # Budget (make demo, 2 idle cores, <= 30 min incl. training): explicit subsets, grids
-        # and Square budgets, all stated in the report. Every model runs every attack on the SAME
-        # examples with the same settings (no per-model overrides): attacks through the EP free
-        # phase cost ~T x a CNN attack, so the subsets are those the EP-CNN can afford, not the
-        # larger ones the CNNs could (a table row never mixes n). The three CNNs share one architecture, so they share every compiled
-        # attack (the weights are traced arguments).
-        c.ep_analysis.bptt_depths = (5, 10)
-        e.batch_size = 250
-        e.num_examples = 1000  # clean accuracy and corruption base set
-        # Every attack on the same 50 examples (PGD: 200 until the fifth session, 100 until the
-        # eleventh: room for the DEQ side, then for the full-budget AutoAttack below).
-        e.pgd_l2.num_examples = e.pgd_linf.num_examples = 50
-        # PGD that converges (check (c): 5x the steps changes <= 1 of 100 examples on the
-        # trained BP-CNN and EP-CNN): 50 steps of eps/4 instead of 20 of eps/8, about the cost
-        # (larger steps break examples sooner, and broken ones stop); BUILD_NOTES.md, "Strong C&W
-        # and converged PGD".
-        for a in (e.pgd_l2, e.pgd_linf):
-            a.settings.update(dict(steps=50, step_fraction=0.25))
-        # Standard AutoAttack at its full budget (100 APGD/FAB iterations, 9 targets, Square 5000
-        # queries), Linf and L2, at the largest radius of each grid (8/255; 1.0, the Adv-CNN(1.0)'s
-        # training radius) on 50 examples; the other radii have PGD, Square and C&W. L2 Square at
-        # that radius is the black-box counterpart of the L2 attacks (check (b)).
-        e.attacks = (*e.attacks, "autoattack_l2", "square_l2")
-        e.autoattack_linf.grid, e.autoattack_l2.grid = (8 / 255,), (1.0,)
-        for a in (e.autoattack_linf, e.autoattack_l2, e.square_linf, e.square_l2):
-            a.num_examples = 50
-        e.square_linf.settings.queries = e.square_l2.settings.queries = 500
-        e.square_l2.grid = (1.0,)
-        # The papers' C&W (10 Adam steps per constant) lands on one point for every initial
-        # constant (BUILD_NOTES): paper scale only. The strong C&W (fixed c, 100 Adam steps, lr
-        # 0.1) falls with c, ~0 at c = 100 (check (a)).
-        e.attacks = tuple(a for a in e.attacks if a != "cw_l2")
-        e.cw_l2_strong.num_examples = 50
-        e.cw_l2_strong.grid = (0.1, 1.0)
-        e.corruptions.num_examples = 250  # 500 until the eleventh session
-        e.dynamics.num_examples = 50  # EP-CNN only (its free-phase analyses)
-        e.dynamics.grid = (0.31, 1.0)
-        e.health.num_examples = 50
-        # (c) allows one example of the 50 to change under 5x the steps (the default 1 point is
-        # half an example here); zero-gradient models still fail it (convergence_max_zero_gradient).
-        e.health.convergence_tolerance = 0.02
-        e.health.more_restarts_factor = 1
-        e.gallery.num_images = 6
-        # Training budget: BP-CNN 2 epochs (its standalone cpu config trains 6; 2 reach about the
-        # EP-CNN's clean accuracy); adversarial training costs (1 + steps) x a clean step: 3-step
-        # PGD, 1 epoch.
-        bp.num_epochs = bp.optimizer.cosine_epochs = 2
-        ep.eval_every_epochs = ep.num_epochs  # the study measures clean accuracy itself
-        for m in (adv05, adv10):
-            m.num_epochs = 1
-            m.optimizer.cosine_epochs = 1
+        _cpu_scale(c, ep, bp, (adv05, adv10))
     elif scale == "paper":
         c.seeds = (0, 1, 2, 3, 4)
         e.square_linf.num_examples = 600
@@ -182,6 +132,67 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
         e.square_l2.num_examples = 600
         e.gallery.eps = 3.0
     return add_zoo(c) if option == "zoo" else c
+
+
+def _cpu_scale(
+    c: ml_collections.ConfigDict,
+    ep: ml_collections.ConfigDict,
+    bp: ml_collections.ConfigDict,
+    advs: tuple[ml_collections.ConfigDict, ...],
+) -> None:
+    """The cpu scale's subsets, budgets and training budgets (c and the model configs in place)."""
+    e = c.eval
+    # Budget (make demo, 2 idle cores, <= 30 min incl. training): explicit subsets, grids
+    # and Square budgets, all stated in the report. Every model runs every attack on the SAME
+    # examples with the same settings (no per-model overrides): attacks through the EP free
+    # phase cost ~T x a CNN attack, so the subsets are those the EP-CNN can afford, not the
+    # larger ones the CNNs could (a table row never mixes n). The three CNNs share one architecture, so they share every compiled
+    # attack (the weights are traced arguments).
+    c.ep_analysis.bptt_depths = (5, 10)
+    e.batch_size = 250
+    e.num_examples = 1000  # clean accuracy and corruption base set
+    # Every attack on the same 50 examples (PGD: 200 until the fifth session, 100 until the
+    # eleventh: room for the DEQ side, then for the full-budget AutoAttack below).
+    e.pgd_l2.num_examples = e.pgd_linf.num_examples = 50
+    # PGD that converges (check (c): 5x the steps changes <= 1 of 100 examples on the
+    # trained BP-CNN and EP-CNN): 50 steps of eps/4 instead of 20 of eps/8, about the cost
+    # (larger steps break examples sooner, and broken ones stop); BUILD_NOTES.md, "Strong C&W
+    # and converged PGD".
+    for a in (e.pgd_l2, e.pgd_linf):
+        a.settings.update(dict(steps=50, step_fraction=0.25))
+    # Standard AutoAttack at its full budget (100 APGD/FAB iterations, 9 targets, Square 5000
+    # queries), Linf and L2, at the largest radius of each grid (8/255; 1.0, the Adv-CNN(1.0)'s
+    # training radius) on 50 examples; the other radii have PGD, Square and C&W. L2 Square at
+    # that radius is the black-box counterpart of the L2 attacks (check (b)).
+    e.attacks = (*e.attacks, "autoattack_l2", "square_l2")
+    e.autoattack_linf.grid, e.autoattack_l2.grid = (8 / 255,), (1.0,)
+    for a in (e.autoattack_linf, e.autoattack_l2, e.square_linf, e.square_l2):
+        a.num_examples = 50
+    e.square_linf.settings.queries = e.square_l2.settings.queries = 500
+    e.square_l2.grid = (1.0,)
+    # The papers' C&W (10 Adam steps per constant) lands on one point for every initial
+    # constant (BUILD_NOTES): paper scale only. The strong C&W (fixed c, 100 Adam steps, lr
+    # 0.1) falls with c, ~0 at c = 100 (check (a)).
+    e.attacks = tuple(a for a in e.attacks if a != "cw_l2")
+    e.cw_l2_strong.num_examples = 50
+    e.cw_l2_strong.grid = (0.1, 1.0)
+    e.corruptions.num_examples = 250  # 500 until the eleventh session
+    e.dynamics.num_examples = 50  # EP-CNN only (its free-phase analyses)
+    e.dynamics.grid = (0.31, 1.0)
+    e.health.num_examples = 50
+    # (c) allows one example of the 50 to change under 5x the steps (the default 1 point is
+    # half an example here); zero-gradient models still fail it (convergence_max_zero_gradient).
+    e.health.convergence_tolerance = 0.02
+    e.health.more_restarts_factor = 1
+    e.gallery.num_images = 6
+    # Training budget: BP-CNN 2 epochs (its standalone cpu config trains 6; 2 reach about the
+    # EP-CNN's clean accuracy); adversarial training costs (1 + steps) x a clean step: 3-step
+    # PGD, 1 epoch.
+    bp.num_epochs = bp.optimizer.cosine_epochs = 2
+    ep.eval_every_epochs = ep.num_epochs  # the study measures clean accuracy itself
+    for m in advs:
+        m.num_epochs = 1
+        m.optimizer.cosine_epochs = 1
 
 
 def _parse(arg: str) -> tuple[str, str]:
