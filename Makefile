@@ -2,7 +2,8 @@
 #   make demo   set up .venv, get Fashion-MNIST, run the EP and DEQ studies at cpu scale -> runs/demo/
 #   make test   set up .venv with the test extra, run pytest and ruff
 # Extras: make deq-demo (the DEQ study with both DEQs), make bench (side-by-side PyTorch
-# benchmarks), make bench-gpu (the paper-scale GPU table; run it on a GPU machine), make clean.
+# benchmarks), make bench-aa (AutoAttack against torchattacks, after make demo), make bench-gpu
+# (the paper-scale GPU table; run it on a GPU machine), make clean.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo deq-demo test bench bench-gpu data clean
+.PHONY: demo deq-demo test bench bench-aa bench-gpu data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,13 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.ep_free_phase
 	$(PY) -m benchmarks.attacks
 	$(PY) -m benchmarks.solvers_fevals
+
+# Standard AutoAttack at its full budget on the demo's trained BP-CNN against torchattacks'
+# components at the same budget (after make demo; ~10 min per norm on 2 cores).
+bench-aa: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.autoattack_cpu --workdir=runs/demo/bp_cnn --norm=linf
+	$(PY) -m benchmarks.autoattack_cpu --workdir=runs/demo/bp_cnn --norm=l2
 
 bench-gpu: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"

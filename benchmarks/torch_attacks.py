@@ -125,3 +125,47 @@ def square_linf(model, x, y, *, eps, queries=1000, p_init=0.8, generator=None, s
         active &= loss_min >= 0
     success = model(x_best).argmax(1) != y
     return x_best, success, q
+
+
+def standard_autoattack(model, norm: str, eps: float, n_classes: int = 10, seed: int = 0):
+    """torchattacks' components chained as AutoAttack's standard version at its standard budget.
+
+    APGD-CE, APGD-T (n_classes - 1 targets), FAB-T (likewise), each 100 iterations, then Square
+    with 5000 queries, each on the points still correctly classified (torchattacks' MultiAttack
+    logic). `torchattacks.AutoAttack(version="standard")` itself (3.5.1) leaves APGD, APGD-T and
+    FAB at their class default of 10 iterations, a tenth of the budget (BUILD_NOTES, "Full-budget
+    AutoAttack in the demo"). Returns run(x [B, C, H, W], y [B], log=None) -> x_adv; `log`, a
+    list, receives (component, points attacked, seconds) per component.
+    """
+    import time
+
+    import torchattacks
+
+    n = {"linf": "Linf", "l2": "L2"}[norm.lower()]
+    chain = [
+        torchattacks.APGD(model, norm=n, eps=eps, steps=100, loss="ce", seed=seed),
+        torchattacks.APGDT(model, norm=n, eps=eps, steps=100, n_classes=n_classes, seed=seed),
+        torchattacks.FAB(
+            model, norm=n, eps=eps, steps=100, multi_targeted=True, n_classes=n_classes, seed=seed
+        ),
+        torchattacks.Square(model, norm=n, eps=eps, n_queries=5000, seed=seed),
+    ]
+
+    def run(x: torch.Tensor, y: torch.Tensor, log: list | None = None) -> torch.Tensor:
+        adv = x.clone()
+        with torch.no_grad():
+            idx = torch.nonzero(model(x).argmax(1) == y).flatten()
+        for atk in chain:
+            if len(idx) == 0:
+                break
+            t = time.perf_counter()
+            a = atk(x[idx], y[idx])
+            with torch.no_grad():
+                still = model(a).argmax(1) == y[idx]
+            adv[idx[~still]] = a[~still]
+            if log is not None:
+                log.append((type(atk).__name__, len(idx), time.perf_counter() - t))
+            idx = idx[still]
+        return adv
+
+    return run
