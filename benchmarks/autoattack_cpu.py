@@ -92,7 +92,7 @@ def main() -> None:
 
         def timed(name, *a):
             t = time.perf_counter()
-            out = run(name, *a)
+            out = jax.block_until_ready(run(name, *a))
             parts.append(f"{name} {time.perf_counter() - t:.1f} s")
             return out
 
