@@ -7,6 +7,7 @@ windows with sign redraws), written in eager PyTorch the way public implementati
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -137,9 +138,7 @@ def standard_autoattack(model, norm: str, eps: float, n_classes: int = 10, seed:
     AutoAttack in the demo"). Returns run(x [B, C, H, W], y [B], log=None) -> x_adv; `log`, a
     list, receives (component, points attacked, seconds) per component.
     """
-    import time
-
-    import torchattacks
+    import torchattacks  # the bench extra; only this function needs it
 
     n = {"linf": "Linf", "l2": "L2"}[norm.lower()]
     chain = [
