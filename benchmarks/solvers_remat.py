@@ -34,7 +34,7 @@ def main() -> None:
     params = ep.init(jax.random.key(0), cfg)
     x = jax.random.uniform(jax.random.key(1), (a.batch, 28, 28, 1))
     y = jnp.arange(a.batch) % 10
-    free, _ = ep._maps(cfg)
+    free = ep._free_map(cfg)
     z0 = tuple(jnp.zeros((a.batch, *s)) for s in cfg.state_shapes)
 
     def loss(params, remat):

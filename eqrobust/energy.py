@@ -253,6 +253,18 @@ def loss(params: Params, states: States, y: Array, config: EnergyConfig) -> Arra
 # --------------------------------------------------------------------------- the energy
 
 
+def pre_activation(params: Params, i: int, s_prev: Array, config: EnergyConfig) -> Array:
+    """What synapse layer i feeds neuron layer i, before the max pool of a conv layer:
+    conv_i(s_prev) + b_i ([B, H, W, C], pre-pool) or W_i flat(s_prev) + b_i ([B, F]).
+
+    s_prev is neuron layer i - 1 (the normalised input for i = 0).
+    """
+    w, b = params[i]
+    if i < config.num_conv:
+        return conv(s_prev, w, config.paddings[i], config.conv) + b
+    return s_prev.reshape(s_prev.shape[0], -1) @ w + b
+
+
 def Phi(  # noqa: N802  (the papers' name)
     params: Params,
     x: ArrayLike,
@@ -285,18 +297,12 @@ def Phi(  # noqa: N802  (the papers' name)
     _check_states(states, config, x.shape[0])
     s_prev = normalize(x, config)
     total = jnp.zeros((x.shape[0],), states[0].dtype)
-    nc = config.num_conv
-    for i in range(nc):
-        w, b = params[i]
-        u = maxpool2(conv(s_prev, w, config.paddings[i], config.conv) + b, config.pool)
-        total = total + jnp.sum(u * states[i], axis=(1, 2, 3))
-        s_prev = states[i]
-    num_fc_neurons = len(config.fc) + (config.output == "mse")
-    for j in range(num_fc_neurons):
-        w, b = params[nc + j]
-        u = s_prev.reshape(s_prev.shape[0], -1) @ w + b
-        total = total + jnp.sum(u * states[nc + j], axis=-1)
-        s_prev = states[nc + j]
+    for i, s in enumerate(states):
+        u = pre_activation(params, i, s_prev, config)
+        if i < config.num_conv:
+            u = maxpool2(u, config.pool)
+        total = total + jnp.sum(u * s, axis=tuple(range(1, s.ndim)))
+        s_prev = s
     if y is None:
         if not (isinstance(beta, int | float) and beta == 0):
             raise ValueError("Phi: labels y are required when beta is not the constant 0.")
@@ -355,6 +361,134 @@ def step_async(
             sigma(g) if i % 2 == parity else s for i, (g, s) in enumerate(zip(grads, states))
         )
     return states
+
+
+def pre_activations(params: Params, x: ArrayLike, states: States, *, config: EnergyConfig):
+    """`pre_activation` of every neuron layer at `states` (what `sweep_async` carries):
+    a tuple like `states`, conv entries pre-pool ([B, H, W, C] before the 2x2 pool)."""
+    s_prev = normalize(jnp.asarray(x), config)
+    out = []
+    for i, s in enumerate(states):
+        out.append(pre_activation(params, i, s_prev, config))
+        s_prev = s
+    return tuple(out)
+
+
+def _top_down(params: Params, i: int, s: Array, above: Array, pre_above: Array, config) -> Array:
+    """d/ds_i of <pool(pre_activation_{i+1}(s_i)), s_{i+1}>, the pool routed by the carried
+    pre-activation: the synapse's transpose applied to the unpooled layer above. The forward
+    inside the VJP is unused (affine synapse), so XLA drops it."""
+    g = above
+    if i + 1 < config.num_conv:
+        _, routes = ops.max_pool_2x2_routes(pre_above)
+        g = ops.unpool_2x2(routes, above, pre_above.shape)
+    _, vjp = jax.vjp(lambda a: pre_activation(params, i + 1, a, config), s)
+    return vjp(g)[0]
+
+
+def _half(params, states, pre, parity, config, beta, y) -> States:
+    """Updates the neuron layers i with i % 2 == parity from the others: s_i <- sigma(dPhi/ds_i),
+    dPhi/ds_i = pool(pre_i) + (top-down from layer i + 1, routed by pre_{i+1}) - beta dL/ds_i
+    (the chain rule of `Phi`; pre_i and pre_{i+1} must be current for these layers)."""
+    sigma = get_activation(config.activation)
+    n = len(states)
+    new = list(states)
+    for i in range(parity, n, 2):
+        d = ops.max_pool_2x2_routes(pre[i])[0] if i < config.num_conv else pre[i]
+        if i + 1 < n:
+            d = d + _top_down(params, i, states[i], states[i + 1], pre[i + 1], config)
+        if i == n - 1 and y is not None:  # the loss reads the last neuron layer only
+            others = tuple(states[:-1])
+            dl = jax.grad(lambda s: jnp.sum(loss(params, (*others, s), y, config)))
+            d = d - beta * dl(states[i])
+        new[i] = sigma(d)
+    return tuple(new)
+
+
+def from_zero(params: Params, x: ArrayLike, config: EnergyConfig, parity: int | None = None):
+    """The first free-phase update from all-zero states, without the convs of zeros: layer i
+    gets sigma(pool(pre_i)) with pre_0 from x and pre_i = b_i for i >= 1 (a conv of zeros is
+    exactly zero, and so is every top-down term). Bitwise equal to `step` from
+    `zero_states` (parity None), or to the first half of `step_async` (parity 0: the other
+    layers stay zero). [B, ...] states like `zero_states`."""
+    x = jnp.asarray(x)
+    sigma = get_activation(config.activation)
+    first = pre_activation(params, 0, normalize(x, config), config)
+    out = []
+    for i, shp in enumerate(config.state_shapes):
+        if parity is not None and i % 2 != parity:
+            out.append(jnp.zeros((x.shape[0], *shp), first.dtype))
+        elif i == 0:
+            out.append(sigma(maxpool2(first, config.pool) if config.num_conv else first))
+        else:
+            b = params[i].b.astype(first.dtype)
+            out.append(jnp.broadcast_to(sigma(b), (x.shape[0], *shp)))
+    return tuple(out)
+
+
+def run_async(
+    params: Params,
+    x: ArrayLike,
+    states: States | None,
+    steps: int,
+    *,
+    config: EnergyConfig,
+    beta: ArrayLike = 0.0,
+    y: ArrayLike | None = None,
+) -> States:
+    """`steps` applications of `step_async` (even/odd sweeps), at about one synchronous step's
+    cost per sweep: one loop.
+
+    `step_async` differentiates Phi once per half, so every conv runs twice per sweep. Here the
+    drives are assembled from the layers' pre-activations (`_half`, the chain rule of Phi;
+    checked against `step_async` in float64 by the tests), and the loop is shifted by half a
+    sweep, E (O E)^(steps-1) O, so that each iteration's convs read the states the previous
+    iteration wrote: the routes of the pool that feeds layer i + 1 come from the same conv
+    that the odd half just used. (Inside one iteration XLA:CPU would otherwise fuse the
+    freshly computed layer into each of the k*k patch slices of the next conv, recomputing it
+    k*k times.) The loop also carries the pre-activations of the even layers after the first
+    two, so every conv and transpose runs once per sweep.
+
+    Args:
+      params, x, config, beta, y: as in `step`.
+      states: initial neuron layers; None: all zero (the first half is then `from_zero`).
+      steps: number of sweeps (>= 1, static).
+
+    Returns:
+      The states after `steps` sweeps; reverse-differentiable (the loop is a scan).
+    """
+    if steps < 1:
+        raise ValueError(f"run_async: steps must be >= 1; got {steps}.")
+    if y is None and not (isinstance(beta, int | float) and beta == 0):
+        raise ValueError("run_async: labels y are required when beta is not the constant 0.")
+    n = len(config.state_shapes)
+    evens = range(2, n, 2)  # layers whose pre-activation the loop carries (deeper nets)
+    x_norm = normalize(jnp.asarray(x), config)
+
+    def pre_of(s, kept=()):
+        kept = dict(zip(evens, kept))
+        return [
+            kept[i] if i in kept else pre_activation(params, i, s[i - 1] if i else x_norm, config)
+            for i in range(n)
+        ]
+
+    def odd_even(_, carry):
+        s, kept = carry  # kept: the even layers' pre-activations, current for s
+        pre = pre_of(s, kept)
+        s = _half(params, s, pre, 1, config, beta, y)
+        for i in evens:  # the even layers' inputs just changed
+            pre[i] = pre_activation(params, i, s[i - 1], config)
+        return _half(params, s, pre, 0, config, beta, y), tuple(pre[i] for i in evens)
+
+    if states is None:
+        if y is not None:
+            raise ValueError("run_async: a zero start is the free phase's (no labels).")
+        states = from_zero(params, x, config, parity=0)
+    else:
+        states = _half(params, tuple(states), pre_of(states), 0, config, beta, y)
+    kept = tuple(pre_activation(params, i, states[i - 1], config) for i in evens)
+    states, kept = jax.lax.fori_loop(0, steps - 1, odd_even, (states, kept))
+    return _half(params, states, pre_of(states, kept), 1, config, beta, y)
 
 
 UPDATES: dict[str, Callable[..., States]] = {"sync": step, "async": step_async}

@@ -41,7 +41,8 @@ class EPConfig:
       implicit_options: extra options for the implicit-gradient backward solve.
       update: "sync" (all layers at once from the previous states: the papers) or "async"
         (even layers, then odd layers: `energy.step_async`, Scellier et al. 2023; same fixed
-        points, fewer steps, each step two energy gradients). Applies to every phase.
+        points, fewer steps; in plain Picard phases each sweep costs about one synchronous
+        step, `energy.run_async`). Applies to every phase.
     """
 
     energy: EnergyConfig = EnergyConfig()
@@ -123,19 +124,15 @@ def init(
 # --------------------------------------------------------------------------- phases
 
 
-def _maps(cfg: EnergyConfig, update: str = "sync"):
-    """The free and nudged update maps for `solvers.solve` (closures over the static config)."""
+def _free_map(cfg: EnergyConfig, update: str = "sync"):
+    """The free update map for `solvers.solve` (a closure over the static config)."""
     step = energy.UPDATES[update]
 
     def free(z: States, args) -> States:
         params, x = args
         return step(params, x, z, config=cfg)
 
-    def nudged(z: States, args) -> States:
-        params, x, y, beta = args
-        return step(params, x, z, config=cfg, beta=beta, y=y)
-
-    return free, nudged
+    return free
 
 
 def free_phase(
@@ -151,7 +148,9 @@ def free_phase(
     stop: str | None = None,
     **grad_options: Any,
 ) -> solvers.Solution:
-    """Free phase (beta = 0): s <- sigma(dPhi/ds) from zeros, on the fixed-point engine.
+    """Free phase (beta = 0): s <- sigma(dPhi/ds) from zeros, on the fixed-point engine, or, for
+    exactly `steps` Picard steps without a trajectory (the default), as a plain loop with the
+    engine's results (`_plain_phase`).
 
     Args:
       params: `Params`.
@@ -172,25 +171,69 @@ def free_phase(
     x = jnp.asarray(x)
     energy.check_inputs(x, config.energy)
     dtype = params[0].w.dtype
-    if s0 is None:
+    zero = s0 is None
+    if zero:
         s0 = energy.zero_states(config.energy, x.shape[0], dtype)
-    free, _ = _maps(config.energy, config.update)
+    free = _free_map(config.energy, config.update)
     options = dict(config.solver_options)
     if grad == "implicit":
         options.update(dict(config.implicit_options))
     options.update(grad_options)
+    method, stop = method or config.free_method, stop or config.free_stop
+    steps = config.t1 if steps is None else steps
+    if _plain(method, stop, record, grad, options):
+        return _plain_phase(params, x.astype(dtype), s0, config, steps, grad=grad, zero=zero)
     return solvers.solve(
         free,
         s0,
         (params, x.astype(dtype)),
-        method=method or config.free_method,
-        max_steps=config.t1 if steps is None else steps,
+        method=method,
+        max_steps=steps,
         tol=config.free_tol,
         record=record,
         grad=grad,
-        stop=stop or config.free_stop,
+        stop=stop,
         **options,
     )
+
+
+def _plain(method: str, stop: str, record: int, grad: str, options: dict) -> bool:
+    """Whether a phase is exactly `steps` undamped updates, without trajectory or solver
+    options: then it runs as a plain loop (`_plain_phase`) instead of the engine's."""
+    return (
+        method == "picard"
+        and stop == "never"
+        and not record
+        and not options
+        and (grad in ("none", "unrolled"))
+    )
+
+
+def _plain_phase(
+    params, x, s0, config: EPConfig, steps: int, *, grad, beta=0.0, y=None, zero=False
+) -> solvers.Solution:
+    """`steps` updates of `config.update` from s0 as one plain loop: the engine's Picard
+    iterates (its `stop="never"` loop also checks finiteness and residuals at every step and
+    evaluates the update once more; EP states stay finite, since every activation is bounded
+    and inputs are checked), with `update="async"` each sweep at about one synchronous step's
+    cost (`energy.run_async`). `zero`: s0 is all zero, and the first update skips the convs
+    of zeros (`energy.from_zero`, bitwise the same). Returns the engine's `Solution`: the
+    residual of the last state costs one more update, which XLA drops when nothing reads it."""
+    if grad == "none":
+        params, x, s0 = jax.lax.stop_gradient((params, x, s0))
+    e = config.energy
+    if config.update == "async":
+        z = energy.run_async(params, x, None if zero else s0, steps, config=e, beta=beta, y=y)
+    else:
+        body = lambda _, s: energy.step(params, x, s, config=e, beta=beta, y=y)  # noqa: E731
+        if zero:
+            z = jax.lax.fori_loop(1, steps, body, energy.from_zero(params, x, e))
+        else:
+            z = jax.lax.fori_loop(0, steps, body, s0)
+    fz = energy.UPDATES[config.update](
+        *jax.lax.stop_gradient((params, x, z)), config=e, beta=beta, y=y
+    )
+    return solvers.solution_of(z, fz, steps, config.free_tol)
 
 
 def nudged_phase(
@@ -222,20 +265,11 @@ def nudged_phase(
 
 def _nudged(params, x, y, s_init, beta, config, steps) -> solvers.Solution:
     """The nudged phase's solution (states detached; `.residual` [B] says whether it settled)."""
-    _, nudged = _maps(config.energy, config.update)
     dtype = params[0].w.dtype
     args = (params, jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(beta, dtype))
-    sol = solvers.solve(
-        nudged,
-        s_init,
-        jax.lax.stop_gradient(args),
-        method="picard",
-        max_steps=config.t2 if steps is None else steps,
-        tol=config.free_tol,
-        record=0,
-        grad="none",
-        stop="never",
-    )
+    steps = config.t2 if steps is None else steps
+    p, xx, yy, b = jax.lax.stop_gradient(args)
+    sol = _plain_phase(p, xx, s_init, config, steps, grad="none", beta=b, y=yy)
     return sol._replace(z=jax.lax.stop_gradient(sol.z))
 
 
@@ -390,7 +424,7 @@ def residual(params: Params, x: ArrayLike, config: EPConfig) -> Array:
     """[B] relative residual ||F(s) - s|| / ||F(s)|| of the free-phase state s that `predict`
     reads out, F the free update map (how far the prediction is from a fixed point)."""
     sol = free_phase(params, x, config)
-    free, _ = _maps(config.energy, config.update)
+    free = _free_map(config.energy, config.update)
     fs = free(sol.z, (params, jnp.asarray(x).astype(params[0].w.dtype)))
     num = sum(jnp.sum(jnp.square(a - b).reshape(a.shape[0], -1), 1) for a, b in zip(fs, sol.z))
     den = sum(jnp.sum(jnp.square(a).reshape(a.shape[0], -1), 1) for a in fs)

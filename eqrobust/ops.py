@@ -136,6 +136,29 @@ def max_pool_2x2(u: Array, impl: str = "auto") -> Array:
     return _pool_first(u[:, : 2 * (h // 2), : 2 * (w // 2)])
 
 
+def max_pool_2x2_routes(u: Array) -> tuple[Array, tuple[Array, ...]]:
+    """The 2x2 / stride-2 max pool and its routes: the four [B, H // 2, W // 2, C] boolean masks
+    marking each window's first maximum (row-major: top-left, top-right, bottom-left,
+    bottom-right; the tie rule above), i.e. where `max_pool_2x2`'s gradient goes.
+
+    u: [B, H, W, C] (odd trailing rows/cols dropped, floor mode). Not differentiable (use
+    `max_pool_2x2` for that); for callers that keep the routes and apply `unpool_2x2` later.
+    """
+    _, h, w, _ = u.shape
+    return _pool_fwd(u[:, : 2 * (h // 2), : 2 * (w // 2)])
+
+
+def unpool_2x2(routes: tuple[Array, ...], g: Array, shape: tuple[int, ...]) -> Array:
+    """Transpose of the routed max pool: g [B, h, w, C] into each window's first maximum, zero
+    elsewhere, as [B, H, W, C] = `shape` (the pre-pool shape; a dropped odd row/col gets zeros).
+    Equals the VJP of `max_pool_2x2` at the input the routes came from."""
+    (out,) = _pool_bwd(routes, g)
+    dh, dw = shape[1] - out.shape[1], shape[2] - out.shape[2]
+    if dh or dw:
+        out = jnp.pad(out, ((0, 0), (0, dh), (0, dw), (0, 0)))
+    return out
+
+
 # --------------------------------------------------------------------------- inputs
 
 

@@ -751,17 +751,25 @@ def solve(
             z = _attach_implicit(f, z, args, bwd)
     steps, res, bad = lax.stop_gradient((steps, res, bad))
     traj = Trajectory(traj_z, lax.stop_gradient(traj_res)) if record else None
+    state = lax.stop_gradient(state) if return_state else None
+    return _solution(z, steps, res, bad, tol, traj, state)
+
+
+def _solution(z, steps, res, bad, tol, traj=None, state=None) -> Solution:
     conv = (res < tol) & ~bad
     status = jnp.where(bad, Status.NONFINITE, jnp.where(conv, Status.SUCCESS, Status.MAX_STEPS))
-    return Solution(
-        z=z,
-        steps=steps,
-        residual=res,
-        converged=conv,
-        trajectory=traj,
-        status=status.astype(jnp.int8),
-        state=lax.stop_gradient(state) if return_state else None,
-    )
+    return Solution(z, steps, res, conv, traj, status.astype(jnp.int8), state)
+
+
+def solution_of(z: PyTree, fz: PyTree, steps: int, tol: float) -> Solution:
+    """The :class:`Solution` of an iterate ``z`` reached outside :func:`solve` after ``steps``
+    steps (e.g. a fixed number of Picard steps as a plain loop), ``fz = f(z)`` giving its
+    residual as :func:`solve` defines it. Under jit, XLA drops ``fz`` when nothing reads the
+    residual. Such a loop has no per-example non-finite freezing: a non-finite example is
+    reported NONFINITE but its ``z`` is not its last finite iterate."""
+    res = lax.stop_gradient(_rel_residual(fz, z))
+    bad = ~jnp.isfinite(res)
+    return _solution(z, jnp.full(res.shape, steps, jnp.int32), res, bad, tol)
 
 
 def _phantom(f, z_star, args, k, lam):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqrobust import energy, ep
+from eqrobust import energy, ep, solvers
 from eqrobust.classifier import GradientPath
 from eqrobust.energy import EnergyConfig, Layer
 
@@ -158,6 +158,86 @@ def test_async_updates_are_gauss_seidel_and_reach_the_sync_fixed_point():
         assert int(b.steps.max()) < int(a.steps.max())  # Gauss-Seidel needs fewer steps
     with pytest.raises(ValueError, match="update must be one of"):
         ep.EPConfig(energy=e, update="sequential")
+
+
+@pytest.mark.parametrize(
+    "e",
+    [
+        EnergyConfig(in_shape=(10, 10, 1), num_classes=3, channels=(3, 4), paddings=(1, 1)),
+        EnergyConfig(  # odd sizes (a dropped pool row), fc and output neurons, XLA formulations
+            in_shape=(13, 13, 2), num_classes=4, channels=(3, 4, 3), paddings=(1, 1, 1),
+            fc=(5,), output="mse", mean=(0.1, 0.2), std=(0.5, 0.6), pool="reduce_window",
+            conv="xla",
+        ),
+        EnergyConfig(
+            in_shape=(12, 12, 1), num_classes=3, channels=(3, 4), paddings=(1, 0), fc=(6, 5),
+            activation="my_sigmoid",
+        ),
+    ],
+)  # fmt: skip
+def test_run_async_equals_repeated_step_async(e):
+    # run_async assembles the drives from carried pre-activations and shifts its loop by half a
+    # sweep; it must be step_async (jax.grad of Phi) applied T times, nudged or not.
+    with jax.enable_x64(True):
+        params = _params(7, e, scale=2.0)
+        x = jnp.asarray(np.random.default_rng(8).uniform(size=(4, *e.in_shape)))
+        y = jnp.asarray([0, 1, 2, 1])
+        s0 = tuple(
+            jnp.asarray(np.random.default_rng(9).uniform(size=(4, *shp))) for shp in e.state_shapes
+        )
+        for beta, t in ((0.0, 1), (0.0, 4), (0.7, 2), (-0.4, 5)):
+            want = s0
+            for _ in range(t):
+                want = energy.step_async(params, x, want, config=e, beta=beta, y=y)
+            got = energy.run_async(params, x, s0, t, config=e, beta=beta, y=y)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        energy.run_async(params, x, s0, 0, config=e)
+    # The first update from zero states skips the convs of zeros: bitwise the same (float32).
+    p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    x32, z32 = jnp.asarray(x, jnp.float32), energy.zero_states(e, 4)
+    for parity, want in ((None, energy.step(p32, x32, z32, config=e)),
+                         (0, energy.step_async(p32, x32, z32, config=e))):  # fmt: skip
+        if parity == 0:  # step_async's first half only: the odd layers stay zero
+            want = tuple(w if i % 2 == 0 else z for i, (w, z) in enumerate(zip(want, z32)))
+        for a, b in zip(energy.from_zero(p32, x32, e, parity), want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("update", ["sync", "async"])
+def test_plain_loop_phases_equal_the_engine(update):
+    # Picard with stop="never" runs as a plain loop (no per-step residuals, no extra update):
+    # same states, residual, steps and BPTT input gradient as the engine's loop (which the
+    # recording of a trajectory still uses).
+    cfg = dataclasses.replace(_tiny(t1=5), update=update, t2=3)
+    with jax.enable_x64(True):
+        params = _params(3, cfg.energy, scale=1.5)
+        x = jnp.asarray(np.random.default_rng(4).uniform(size=(3, 6, 6, 1)))
+        y = jnp.asarray([0, 2, 1])
+        plain, engine = ep.free_phase(params, x, cfg), ep.free_phase(params, x, cfg, record=5)
+        for a, b in zip(plain.z, engine.z, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(plain.residual, engine.residual, rtol=1e-10)
+        assert float(plain.residual.min()) > 1e-6  # unconverged: the residual is informative
+        np.testing.assert_array_equal(plain.steps, engine.steps)
+        np.testing.assert_array_equal(plain.status, engine.status)
+
+        def score(x, record):
+            sol = ep.free_phase(params, x, cfg, grad="unrolled", record=record)
+            return jnp.sum(energy.readout(params, sol.z, cfg.energy) * jnp.arange(3.0))
+
+        np.testing.assert_allclose(jax.grad(score)(x, 0), jax.grad(score)(x, 5), rtol=1e-10)
+        assert float(jnp.abs(jax.grad(score)(x, 0)).max()) > 0
+        nudged = ep._nudged(params, x, y, plain.z, 0.3, cfg, None)
+        step = energy.UPDATES[update]
+        ref = solvers.solve(
+            lambda z, a: step(params, x, z, config=cfg.energy, beta=0.3, y=y),
+            plain.z, (), method="picard", max_steps=3, stop="never", grad="none", record=3,
+        )  # fmt: skip
+        for a, b in zip(nudged.z, ref.z, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(nudged.residual, ref.residual, rtol=1e-10)
 
 
 def test_classifier_metadata_values_and_gradients():
