@@ -1,8 +1,12 @@
 """Prediction agreement of cheaper EP free phases with a trained EP-CNN's own prediction.
 
     python -m benchmarks.ep_agreement --workdir=runs/ep_cnn --config=cpu --num=10000
+    python -m benchmarks.ep_agreement --workdir=runs/ep_cnn --split=train --async_steps=6,7,8
 
-Loads a finished EP training run and compares, on the first `num` test images, the T1-step
+Choose the cheaper setting on training images (`--split=train`: agreement needs no labels, so
+no test image takes part in the choice), then report its agreement on the test images.
+
+Loads a finished EP training run and compares, on the first `num` images, the T1-step
 synchronous float32 prediction with: bfloat16 states and energy, even/odd (asynchronous) updates
 at fewer steps, and convergence stopping. Prints agreement, accuracy, steps, the median residual
 and the wall time relative to the reference on this machine.
@@ -45,17 +49,20 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=10000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--async_steps", default="4,5,6,8,10")
+    ap.add_argument("--split", choices=("test", "train"), default="test")
     a = ap.parse_args()
     config = ep_cnn.get_config(a.config)
     params = ep_train.train(config, a.workdir).state["params"]  # finished run: loads it
     ds = ep_train.load_data(config)
     cfg = ep_train.build_ep_config(config, ds)
-    x = np.asarray(ds.x_test[: a.num], np.float32) / 255.0
-    y = np.asarray(ds.y_test[: a.num])
+    images, labels = (ds.x_test, ds.y_test) if a.split == "test" else (ds.x_train, ds.y_train)
+    x = np.asarray(images[: a.num], np.float32) / 255.0
+    y = np.asarray(labels[: a.num])
     ref, _, res, t_ref = _runner(cfg, params, x, jnp.float32, a.batch)
     pred = ref.argmax(-1)
     print(f"reference: synchronous float32 T={cfg.t1}: accuracy {np.mean(pred == y):.4f}, "
-          f"median residual {np.median(res):.1e}, {t_ref:.2f} s for {len(x)} images")  # fmt: skip
+          f"median residual {np.median(res):.1e}, {t_ref:.2f} s for {len(x)} {a.split} "
+          "images")  # fmt: skip
     rows = [(f"bfloat16 T={cfg.t1}", cfg, jnp.bfloat16)]
     for t in (int(s) for s in a.async_steps.split(",")):
         rows.append((f"even/odd T={t}", dataclasses.replace(cfg, t1=t, update="async"), None))

@@ -4,7 +4,9 @@ Run (one invocation, both frameworks, same shapes, same machine, same weights; t
 of benchmarks/fair.py: PyTorch at 1 and 2 threads, alternating runs, medians, load):
 
     .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --train --pgd
-    .venv/bin/python -m benchmarks.ep_free_phase --net=paper --batch=4 --steps=10
+    .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 \
+        --async_steps=8 --train --pgd
+    .venv/bin/python -m benchmarks.ep_free_phase --net=paper --batch=4 --steps=10 --async_steps=5
     .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --xla_threads=1
 
 On a trained model (accuracy along the free phase; f-evals of convergence stopping, Anderson and
@@ -19,6 +21,10 @@ autograd of Phi each step, all layers updated at once); the JAX/PyTorch ratio; a
 the FLOP floor (conv/fc FLOPs of one step divided by the dense-matmul rate measured in-process).
 The two implementations are checked to reach the same states. The machine is shared: timings are
 noisy, ratios taken in one process are the numbers to trust.
+
+With --async_steps=N it also times the model's prediction (`--steps` synchronous steps, or N
+even/odd sweeps, on both sides: PyTorch's best scheme and thread count is the reference), and
+repeats --train and --pgd with even/odd sweeps (T1=N, T2 scaled alike) on both sides.
 """
 
 from __future__ import annotations
@@ -157,10 +163,49 @@ def run(net: str, batch: int, steps: int, repeats: int, threads: list[int]) -> N
     print("  " + fair.ratio_line(fair.best(res, "jax"), fair.best(res, "pytorch")))
 
 
-def run_training(net: str, batch: int, t1: int, t2: int, repeats: int, threads: list[int]):
+def run_prediction(
+    net: str, batch: int, steps: int, async_steps: int, repeats: int, threads: list[int]
+) -> None:
+    """Time to the model's prediction: its `steps`-step synchronous free phase, or `async_steps`
+    even/odd sweeps (`update="async"`; `benchmarks/ep_agreement.py` measures how often the two
+    predictions agree on a trained model), on each side; PyTorch's best of both schemes and
+    thread counts is the reference."""
+    cfg = NETS[net]
+    params = ep.init(jax.random.PRNGKey(0), cfg)
+    x = np.random.default_rng(0).uniform(size=(batch, *cfg.in_shape)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    tep = TorchEP(params, cfg)
+    rows = (("synchronous", "sync", steps), ("even/odd", "async", async_steps))
+    fns, diffs = {}, []
+    for name, update, t in rows:
+        epc = ep.EPConfig(energy=cfg, t1=t, update=update)
+        f = jax.jit(lambda p, x, epc=epc: ep.predict(p, x, epc))
+        fns[f"jax {name}, T={t}"] = lambda f=f: jax.block_until_ready(f(params, x))
+        want = tep.readout(tep.free_phase(xt, t, update)[-1]).numpy()
+        diffs.append(f"{name} {float(np.abs(np.asarray(f(params, x)) - want).max()):.1e}")
+    for n in threads:
+        for name, update, t in rows:
+            fns[f"pytorch {name}, T={t}, {n} thread(s)"] = lambda n=n, t=t, u=update: (
+                torch.set_num_threads(n),
+                tep.free_phase(xt, t, u),
+            )
+    res = fair.alternate(fns, repeats)
+    print(
+        f"\n== time to the prediction, {net} network, batch {batch}; max |logit| difference "
+        f"JAX vs PyTorch: {', '.join(diffs)}"
+    )
+    for label, t in res.items():
+        print(f"  {label:45s} {batch / t.median:8.1f} images/s  {t.fmt()}/prediction")
+    print("  " + fair.ratio_line(fair.best(res, "jax even/odd"), fair.best(res, "pytorch")))
+    print("  " + fair.ratio_line(fair.best(res, "jax synchronous"), fair.best(res, "pytorch")))
+
+
+def run_training(
+    net: str, batch: int, t1: int, t2: int, repeats: int, threads: list[int], update="sync"
+):
     """EP training step (free + two nudged phases + EP gradient + SGD), fair protocol."""
     cfg = NETS[net]
-    epc = ep.EPConfig(energy=cfg, t1=t1, t2=t2, beta=0.5)
+    epc = ep.EPConfig(energy=cfg, t1=t1, t2=t2, beta=0.5, update=update)
     params = ep.init(jax.random.PRNGKey(0), cfg)
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(batch, *cfg.in_shape)).astype(np.float32)
@@ -187,29 +232,31 @@ def run_training(net: str, batch: int, t1: int, t2: int, repeats: int, threads: 
     for n in threads:
         fns[f"pytorch training step, {n} thread(s)"] = lambda n=n: (
             torch.set_num_threads(n),
-            tep.train_step(xt, yt, t1, t2, 0.5, lrs),
+            tep.train_step(xt, yt, t1, t2, 0.5, lrs, update=update),
         )
     res = fair.alternate(fns, repeats)
-    print(f"\n== EP training step, {net} network, batch {batch}, T1={t1} T2={t2}")
+    print(f"\n== EP training step, {net} network, batch {batch}, T1={t1} T2={t2}, {update}")
     for label, t in res.items():
         print(f"  {label:50s} {batch / t.median:8.1f} images/s  {t.fmt()}/step")
     print("  " + fair.ratio_line(fair.best(res, "jax"), fair.best(res, "pytorch")))
 
 
-def run_pgd(net: str, batch: int, steps: int, repeats: int, threads: list[int]) -> None:
+def run_pgd(
+    net: str, batch: int, steps: int, repeats: int, threads: list[int], update="sync"
+) -> None:
     """PGD-20 (Linf) through the EP-CNN's `steps`-step free phase with the exact (BPTT) gradient:
     ours vs torchattacks' PGD on the PyTorch EP model, same weights and images. Labels are the
     model's predictions and eps is tiny, so every image uses all 20 steps on both sides."""
     import torchattacks  # the bench extra
 
     cfg = NETS[net]
-    epc = ep.EPConfig(energy=cfg, t1=steps)
+    epc = ep.EPConfig(energy=cfg, t1=steps, update=update)
     params = ep.init(jax.random.PRNGKey(0), cfg, scale=2.0)  # image-dependent logits
     x = np.random.default_rng(0).uniform(size=(batch, *cfg.in_shape)).astype(np.float32)
     clf = ep.classifier(params, epc)
     y = np.asarray(jnp.argmax(jax.jit(clf.logits_fn)(x), -1))
     key, eps = jax.random.PRNGKey(0), 1e-5
-    tm = TorchEP(params, cfg).classifier(steps).eval()
+    tm = TorchEP(params, cfg).classifier(steps, update).eval()
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     yt = torch.from_numpy(y).long()
     atk = torchattacks.PGD(tm, eps=eps, alpha=eps / 8, steps=20)
@@ -217,14 +264,14 @@ def run_pgd(net: str, batch: int, steps: int, repeats: int, threads: list[int]) 
     def ours():
         return jax.block_until_ready(attacks.pgd(clf.logits_fn, x, y, key=key, eps=eps).x_adv)
 
-    fns = {"jax PGD-20 (exact BPTT, remat)": ours}
+    fns = {"jax PGD-20 (exact BPTT)": ours}
     for n in threads:
         fns[f"torchattacks PGD-20, {n} thread(s)"] = lambda n=n: (
             torch.set_num_threads(n),
             atk(xt, yt),
         )
     res = fair.alternate(fns, repeats)
-    print(f"\n== PGD-20 through the free phase, {net} network, batch {batch}, T={steps}")
+    print(f"\n== PGD-20 through the free phase, {net} network, batch {batch}, T={steps}, {update}")
     for label, t in res.items():
         print(f"  {label:50s} {batch / t.median:8.1f} images/s  {t.fmt()}/attack")
     print("  " + fair.ratio_line(fair.best(res, "jax"), fair.best(res, "torchattacks")))
@@ -305,6 +352,10 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="also the EP training step")
     ap.add_argument("--pgd", action="store_true", help="also PGD-20 vs torchattacks")
     ap.add_argument("--t2", type=int, default=6, help="nudged steps of the training step")
+    ap.add_argument(
+        "--async_steps", type=int, default=0,
+        help="also the time to the prediction: --steps synchronous vs this many even/odd sweeps",
+    )  # fmt: skip
     ap.add_argument("--workdir", help="trained EP run: run the convergence study on it instead")
     ap.add_argument("--config", default="cpu", help="ep_cnn.py scale of --workdir")
     ap.add_argument("--num", type=int, default=2000, help="test images for the study")
@@ -324,10 +375,17 @@ def main() -> None:
     )
     for n, b in zip(nets, batches, strict=True):
         run(n, b, a.steps, a.repeats, threads)
+        if a.async_steps:
+            run_prediction(n, b, a.steps, a.async_steps, a.repeats, threads)
         if a.train:
             run_training(n, b, a.steps, a.t2, a.repeats, threads)
+            if a.async_steps:
+                t2 = max(1, round(a.t2 * a.async_steps / a.steps))
+                run_training(n, b, a.async_steps, t2, a.repeats, threads, update="async")
         if a.pgd:
             run_pgd(n, b, a.steps, a.repeats, threads)
+            if a.async_steps:
+                run_pgd(n, b, a.async_steps, a.repeats, threads, update="async")
 
 
 if __name__ == "__main__":

@@ -72,28 +72,41 @@ class TorchEP:
         shapes = [(c, h, w) for (h, w, c) in self.cfg.conv_shapes] + [(f,) for f in self.cfg.fc]
         return [torch.zeros(batch, *s, device=self.device, dtype=self.dtype) for s in shapes]
 
-    def phase(self, x, states, steps: int, beta: float = 0.0, y=None, create_graph=False):
-        """`steps` synchronous updates s <- sigma(dPhi/ds); differentiable w.r.t. x when
-        create_graph (BPTT through the phase, for attacks)."""
+    def phase(
+        self, x, states, steps: int, beta: float = 0.0, y=None, create_graph=False, update="sync"
+    ):
+        """`steps` updates s <- sigma(dPhi/ds): all layers at once ("sync"), or even/odd sweeps
+        ("async": layers 1, 3, ... then 2, 4, ..., one autograd of Phi per half, as the even/odd
+        scheme is written in PyTorch); differentiable w.r.t. x when create_graph (BPTT through
+        the phase, for attacks)."""
+        halves = (
+            [range(len(states))] if update == "sync" else [range(p, len(states), 2) for p in (0, 1)]
+        )
         with torch.enable_grad():  # torchattacks calls models under no_grad too
             states = [s if s.requires_grad else s.detach().requires_grad_() for s in states]
             for _ in range(steps):
-                grads = torch.autograd.grad(
-                    self.phi(x, states, beta, y), states, create_graph=create_graph
-                )
-                states = [self.act(g) for g in grads]
-                if not create_graph:
-                    states = [s.detach().requires_grad_() for s in states]
+                for layers in halves:
+                    grads = torch.autograd.grad(
+                        self.phi(x, states, beta, y),
+                        [states[i] for i in layers],
+                        create_graph=create_graph,
+                    )
+                    states = list(states)
+                    for i, g in zip(layers, grads, strict=True):
+                        s = self.act(g)
+                        states[i] = s if create_graph else s.detach().requires_grad_()
         return states if create_graph else [s.detach() for s in states]
 
-    def free_phase(self, x, steps: int) -> list[torch.Tensor]:
-        return self.phase(x, self.zeros(x.shape[0]), steps)
+    def free_phase(self, x, steps: int, update: str = "sync") -> list[torch.Tensor]:
+        return self.phase(x, self.zeros(x.shape[0]), steps, update=update)
 
-    def ep_gradient(self, x, y, t1: int, t2: int, beta: float) -> list[torch.Tensor]:
+    def ep_gradient(
+        self, x, y, t1: int, t2: int, beta: float, update: str = "sync"
+    ) -> list[torch.Tensor]:
         """Symmetric EP estimate -(dPhi/dtheta(s^+b) - dPhi/dtheta(s^-b)) / (2 b), batch mean."""
-        s_free = self.free_phase(x, t1)  # detached: each phase starts from fresh leaves
-        s_pos = self.phase(x, s_free, t2, beta, y)
-        s_neg = self.phase(x, s_free, t2, -beta, y)
+        s_free = self.free_phase(x, t1, update)  # detached: each phase starts from fresh leaves
+        s_pos = self.phase(x, s_free, t2, beta, y, update=update)
+        s_neg = self.phase(x, s_free, t2, -beta, y, update=update)
         params = self.parameters()
         for p in params:
             p.requires_grad_(True)
@@ -104,10 +117,12 @@ class TorchEP:
             p.requires_grad_(False)
         return list(grads)
 
-    def train_step(self, x, y, t1: int, t2: int, beta: float, lrs, momentum=0.9, wd=3e-4):
+    def train_step(
+        self, x, y, t1: int, t2: int, beta: float, lrs, momentum=0.9, wd=3e-4, update="sync"
+    ):
         """EP gradient, then layer-wise SGD with momentum and coupled weight decay (PyTorch's
         torch.optim.SGD semantics), in place."""
-        grads = self.ep_gradient(x, y, t1, t2, beta)
+        grads = self.ep_gradient(x, y, t1, t2, beta, update)
         params = self.parameters()
         if self.momentum is None:
             self.momentum = [torch.zeros_like(p) for p in params]
@@ -117,14 +132,16 @@ class TorchEP:
                 buf.mul_(momentum).add_(d)
                 p.sub_(lrs[i // 2] * buf)
 
-    def classifier(self, steps: int) -> torch.nn.Module:
+    def classifier(self, steps: int, update: str = "sync") -> torch.nn.Module:
         """nn.Module: NCHW x -> logits after `steps` free-phase steps, differentiable in x by
         BPTT (for torchattacks)."""
         outer = self
 
         class _EPModule(torch.nn.Module):
             def forward(self, x):
-                s = outer.phase(x, outer.zeros(x.shape[0]), steps, create_graph=x.requires_grad)
+                s = outer.phase(
+                    x, outer.zeros(x.shape[0]), steps, create_graph=x.requires_grad, update=update
+                )
                 return outer.readout(s[-1])
 
         return _EPModule()
