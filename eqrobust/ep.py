@@ -230,9 +230,11 @@ def _plain_phase(
             z = jax.lax.fori_loop(1, steps, body, energy.from_zero(params, x, e))
         else:
             z = jax.lax.fori_loop(0, steps, body, s0)
-    fz = energy.UPDATES[config.update](
-        *jax.lax.stop_gradient((params, x, z)), config=e, beta=beta, y=y
-    )
+    p, xx, zz = jax.lax.stop_gradient((params, x, z))
+    if config.update == "async":  # one more sweep, at one sweep's cost
+        fz = energy.run_async(p, xx, zz, 1, config=e, beta=beta, y=y)
+    else:
+        fz = energy.step(p, xx, zz, config=e, beta=beta, y=y)
     return solvers.solution_of(z, fz, steps, config.free_tol)
 
 
