@@ -363,17 +363,6 @@ def step_async(
     return states
 
 
-def pre_activations(params: Params, x: ArrayLike, states: States, *, config: EnergyConfig):
-    """`pre_activation` of every neuron layer at `states` (what `sweep_async` carries):
-    a tuple like `states`, conv entries pre-pool ([B, H, W, C] before the 2x2 pool)."""
-    s_prev = normalize(jnp.asarray(x), config)
-    out = []
-    for i, s in enumerate(states):
-        out.append(pre_activation(params, i, s_prev, config))
-        s_prev = s
-    return tuple(out)
-
-
 def _top_down(params: Params, i: int, s: Array, above: Array, pre_above: Array, config) -> Array:
     """d/ds_i of <pool(pre_activation_{i+1}(s_i)), s_{i+1}>, the pool routed by the carried
     pre-activation: the synapse's transpose applied to the unpooled layer above. The forward
