@@ -224,6 +224,8 @@ def _plain_phase(
     e = config.energy
     if config.update == "async":
         z = energy.run_async(params, x, None if zero else s0, steps, config=e, beta=beta, y=y)
+    elif grad == "unrolled" and y is None:  # BPTT through the free phase
+        z = energy.run_sync(params, x, None if zero else s0, steps, config=e)
     else:
         body = lambda _, s: energy.step(params, x, s, config=e, beta=beta, y=y)  # noqa: E731
         if zero:

@@ -148,6 +148,18 @@ def max_pool_2x2_routes(u: Array) -> tuple[Array, tuple[Array, ...]]:
     return _pool_fwd(u[:, : 2 * (h // 2), : 2 * (w // 2)])
 
 
+def pool_by_routes(u: Array, routes: tuple[Array, ...]) -> Array:
+    """u [B, H, W, C] read through a max pool's routes (`max_pool_2x2_routes`): each window's
+    routed entry, [B, H // 2, W // 2, C]. With u's own routes this is `max_pool_2x2(u)`,
+    bitwise; for fixed routes it is linear in u, the transpose of `unpool_2x2`."""
+    _, h, w, _ = u.shape
+    u = u[:, : 2 * (h // 2), : 2 * (w // 2)]
+    parts = (u[:, 0::2, 0::2], u[:, 0::2, 1::2], u[:, 1::2, 0::2], u[:, 1::2, 1::2])
+    z = jnp.zeros((), u.dtype)
+    out = [jnp.where(e, a, z) for e, a in zip(routes, parts, strict=True)]
+    return (out[0] + out[1]) + (out[2] + out[3])
+
+
 def unpool_2x2(routes: tuple[Array, ...], g: Array, shape: tuple[int, ...]) -> Array:
     """Transpose of the routed max pool: g [B, h, w, C] into each window's first maximum, zero
     elsewhere, as [B, H, W, C] = `shape` (the pre-pool shape; a dropped odd row/col gets zeros).

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from eqrobust import energy, ep, solvers
 from eqrobust.classifier import GradientPath
@@ -160,21 +161,21 @@ def test_async_updates_are_gauss_seidel_and_reach_the_sync_fixed_point():
         ep.EPConfig(energy=e, update="sequential")
 
 
-@pytest.mark.parametrize(
-    "e",
-    [
-        EnergyConfig(in_shape=(10, 10, 1), num_classes=3, channels=(3, 4), paddings=(1, 1)),
-        EnergyConfig(  # odd sizes (a dropped pool row), fc and output neurons, XLA formulations
-            in_shape=(13, 13, 2), num_classes=4, channels=(3, 4, 3), paddings=(1, 1, 1),
-            fc=(5,), output="mse", mean=(0.1, 0.2), std=(0.5, 0.6), pool="reduce_window",
-            conv="xla",
-        ),
-        EnergyConfig(
-            in_shape=(12, 12, 1), num_classes=3, channels=(3, 4), paddings=(1, 0), fc=(6, 5),
-            activation="my_sigmoid",
-        ),
-    ],
-)  # fmt: skip
+_ARCHS = [
+    EnergyConfig(in_shape=(10, 10, 1), num_classes=3, channels=(3, 4), paddings=(1, 1)),
+    EnergyConfig(  # odd sizes (a dropped pool row), fc and output neurons, XLA formulations
+        in_shape=(13, 13, 2), num_classes=4, channels=(3, 4, 3), paddings=(1, 1, 1),
+        fc=(5,), output="mse", mean=(0.1, 0.2), std=(0.5, 0.6), pool="reduce_window",
+        conv="xla",
+    ),
+    EnergyConfig(
+        in_shape=(12, 12, 1), num_classes=3, channels=(3, 4), paddings=(1, 0), fc=(6, 5),
+        activation="my_sigmoid",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("e", _ARCHS)
 def test_run_async_equals_repeated_step_async(e):
     # run_async assembles the drives from carried pre-activations and shifts its loop by half a
     # sweep; it must be step_async (jax.grad of Phi) applied T times, nudged or not.
@@ -203,6 +204,55 @@ def test_run_async_equals_repeated_step_async(e):
             want = tuple(w if i % 2 == 0 else z for i, (w, z) in enumerate(zip(want, z32)))
         for a, b in zip(energy.from_zero(p32, x32, e, parity), want, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("e", _ARCHS)
+def test_run_sync_backward_equals_autodiff_of_the_plain_loop(e):
+    # run_sync's reverse loop uses the symmetry of the update's Jacobian (the Hessian of Phi)
+    # and taped drives and routes; values and gradients (params, input, initial states; every
+    # layer read, or only the readout) must be autodiff of a plain loop of `step`.
+    with jax.enable_x64(True):
+        params = _params(7, e, scale=2.0)
+        x = jnp.asarray(np.random.default_rng(8).uniform(size=(4, *e.in_shape)))
+        s0 = tuple(
+            jnp.asarray(np.random.default_rng(9).uniform(size=(4, *shp))) for shp in e.state_shapes
+        )
+        w = [jnp.asarray(np.random.default_rng(10 + i).normal(size=a.shape)) for i, a in
+             enumerate(s0)]  # fmt: skip
+
+        def plain(p, x, s, t):
+            if s is None:
+                s, t = energy.from_zero(p, x, e), t - 1
+            return jax.lax.fori_loop(0, t, lambda _, z: energy.step(p, x, z, config=e), s)
+
+        def scores(run, t, zero):
+            def all_layers(p, x, s):
+                z = run(p, x, None if zero else s, t)
+                return sum(jnp.sum(a * b) for a, b in zip(z, w, strict=True))
+
+            def readout(p, x, s):  # the other layers' cotangents are symbolic zeros
+                return jnp.sum(energy.readout(p, run(p, x, None if zero else s, t), e) ** 2)
+
+            return all_layers, readout
+
+        new = lambda p, x, s, t: energy.run_sync(p, x, s, t, config=e)  # noqa: E731
+        for t, zero in ((1, True), (4, True), (3, False)):
+            for a, b in zip(new(params, x, None if zero else s0, t),
+                            plain(params, x, None if zero else s0, t), strict=True):  # fmt: skip
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+            for f, g in zip(scores(new, t, zero), scores(plain, t, zero), strict=True):
+                for argnums in ((0, 1, 2), (1,)):  # with and without the params' cotangent
+                    got = jax.grad(f, argnums)(params, x, s0)
+                    want = jax.grad(g, argnums)(params, x, s0)
+                    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+            dx = jax.grad(scores(new, t, zero)[0], 1)(params, x, s0)
+            assert float(jnp.abs(dx).max()) > 1e-3  # the input's cotangent is not vacuous
+        if e.activation == "my_sigmoid":  # smooth: the gradient against finite differences
+            f = scores(new, 4, True)[0]
+            check_grads(lambda x: f(params, x, s0), (x,), 1, modes=["rev"])
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        energy.run_sync(params, x, s0, 0, config=e)
 
 
 @pytest.mark.parametrize("update", ["sync", "async"])

@@ -102,6 +102,27 @@ def test_pool_impls_agree_under_jit_vmap_and_second_order():
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 7), w=st.integers(2, 7), seed=st.integers(0, 2**16), ties=st.booleans())
+def test_routed_pool_is_the_pool_and_unpool_its_transpose(h, w, seed, ties):
+    # The routes' pool equals max_pool_2x2 bitwise (ties included), the routed read is the
+    # transpose of unpool (<P u, g> = <u, P^T g>), and unpool is max_pool_2x2's VJP.
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((2, 2 * h + (w % 2), w, 3))
+    u = jnp.asarray(np.round(u) if ties else u, jnp.float32)
+    pooled, routes = ops.max_pool_2x2_routes(u)
+    np.testing.assert_array_equal(pooled, ops.max_pool_2x2(u, "reshape"))
+    np.testing.assert_array_equal(ops.pool_by_routes(u, routes), pooled)
+    g = jnp.asarray(rng.standard_normal(pooled.shape), u.dtype)
+    v = jnp.asarray(rng.standard_normal(u.shape), u.dtype)
+    up = ops.unpool_2x2(routes, g, u.shape)
+    np.testing.assert_allclose(
+        jnp.sum(ops.pool_by_routes(v, routes) * g), jnp.sum(v * up), rtol=1e-5
+    )
+    _, vjp = jax.vjp(lambda a: ops.max_pool_2x2(a, "reduce_window"), u)
+    np.testing.assert_array_equal(vjp(g)[0], up)
+
+
 def test_normalize():
     x = jnp.full((1, 2, 2, 3), 0.5, jnp.float32)
     out = ops.normalize(x, (0.5, 0.25, 0.0), (1.0, 0.5, 2.0))
