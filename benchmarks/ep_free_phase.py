@@ -8,6 +8,7 @@ of benchmarks/fair.py: PyTorch at 1 and 2 threads, alternating runs, medians, lo
         --async_steps=8 --train --pgd
     .venv/bin/python -m benchmarks.ep_free_phase --net=paper --batch=4 --steps=10 --async_steps=5
     .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --xla_threads=1
+    .venv/bin/python -m benchmarks.ep_free_phase --net=cpu --batch=64 --steps=15 --bptt
 
 On a trained model (accuracy along the free phase; f-evals of convergence stopping, Anderson and
 Broyden to match the 250-step Picard prediction):
@@ -21,6 +22,9 @@ autograd of Phi each step, all layers updated at once); the JAX/PyTorch ratio; a
 the FLOP floor (conv/fc FLOPs of one step divided by the dense-matmul rate measured in-process).
 The two implementations are checked to reach the same states. The machine is shared: timings are
 noisy, ratios taken in one process are the numbers to trust.
+
+With --bptt it times exact BPTT through the synchronous free phase, `energy.run_sync` against
+autodiff of the plain loop of `energy.step`, same process, alternating.
 
 With --async_steps=N it also times the model's prediction (`--steps` synchronous steps, or N
 even/odd sweeps, on both sides: PyTorch's best scheme and thread count is the reference), and
@@ -277,6 +281,66 @@ def run_pgd(
     print("  " + fair.ratio_line(fair.best(res, "jax"), fair.best(res, "torchattacks")))
 
 
+def run_bptt(net: str, batch: int, steps: int, repeats: int) -> None:
+    """Exact BPTT through the synchronous free phase: `energy.run_sync`'s reverse loop against
+    autodiff of the plain loop of `energy.step` (what `_plain_phase` ran before), for the input
+    gradient of a cross-entropy (one PGD step) and for input and params; alternating, same
+    process. Prints the gradients' largest difference and run_sync's tape size."""
+    cfg = NETS[net]
+    params = ep.init(jax.random.PRNGKey(0), cfg, scale=2.0)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, *cfg.in_shape)), jnp.float32)
+
+    def plain(p, x):
+        s = energy.from_zero(p, x, cfg)
+        body = lambda _, s: energy.step(p, x, s, config=cfg)  # noqa: E731
+        return energy.readout(p, jax.lax.fori_loop(1, steps, body, s), cfg)
+
+    def ours(p, x):
+        return energy.readout(p, energy.run_sync(p, x, None, steps, config=cfg), cfg)
+
+    y = jnp.argmax(jax.jit(plain)(params, x), -1)
+
+    def ce(f):
+        return lambda p, x: -jnp.sum(jax.nn.log_softmax(f(p, x))[jnp.arange(batch), y])
+
+    fns, grads = {}, {}
+    for name, f in (("autodiff of the plain loop", plain), ("run_sync", ours)):
+        for what, argnums in (("input", 1), ("input + params", (0, 1))):
+            g = jax.jit(jax.grad(ce(f), argnums))
+            grads[name, what] = g(params, x)
+            fns[f"{name}, gradient w.r.t. {what}"] = lambda g=g: jax.block_until_ready(g(params, x))
+        fwd = jax.jit(f)
+        fns[f"{name}, forward only"] = lambda fwd=fwd: jax.block_until_ready(fwd(params, x))
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+        for what in ("input", "input + params")
+        for a, b in zip(
+            jax.tree.leaves(grads["autodiff of the plain loop", what]),
+            jax.tree.leaves(grads["run_sync", what]),
+            strict=True,
+        )
+    )
+    n = len(cfg.state_shapes)
+    drives = sum(math.prod(shp) for shp in cfg.state_shapes) * 4
+    routes = sum(4 * math.prod(cfg.conv_shapes[i]) for i in range(1, cfg.num_conv))
+    res = fair.alternate(fns, repeats)
+    print(
+        f"\n== BPTT through {steps} synchronous steps, {net} network, batch {batch}, {n} layers; "
+        f"largest relative gradient difference {diff:.1e}; run_sync's tape "
+        f"{(steps - 1) * batch * (drives + routes) / 2**20:.1f} MiB"
+    )
+    for label, t in res.items():
+        print(f"  {label:60s} {t.fmt()}")
+    for what in ("input", "input + params"):
+        print(
+            f"  {what}: "
+            + fair.ratio_line(
+                fair.best(res, f"run_sync, gradient w.r.t. {what}"),
+                fair.best(res, f"autodiff of the plain loop, gradient w.r.t. {what}"),
+            )
+        )
+
+
 def convergence_study(config_name: str, workdir: str, num: int, batch: int, t_ref: int) -> None:
     """On a trained model: test accuracy along the free phase, and the energy-gradient
     evaluations convergence stopping / Anderson / Broyden need to match the t_ref-step Picard
@@ -351,6 +415,10 @@ def main() -> None:
     ap.add_argument("--xla_threads", type=int, help="1: XLA:CPU on one thread (default: all)")
     ap.add_argument("--train", action="store_true", help="also the EP training step")
     ap.add_argument("--pgd", action="store_true", help="also PGD-20 vs torchattacks")
+    ap.add_argument(
+        "--bptt", action="store_true",
+        help="also exact BPTT: energy.run_sync against autodiff of the plain loop",
+    )  # fmt: skip
     ap.add_argument("--t2", type=int, default=6, help="nudged steps of the training step")
     ap.add_argument(
         "--async_steps", type=int, default=0,
@@ -382,6 +450,8 @@ def main() -> None:
             if a.async_steps:
                 t2 = max(1, round(a.t2 * a.async_steps / a.steps))
                 run_training(n, b, a.async_steps, t2, a.repeats, threads, update="async")
+        if a.bptt:
+            run_bptt(n, b, a.steps, a.repeats)
         if a.pgd:
             run_pgd(n, b, a.steps, a.repeats, threads)
             if a.async_steps:
