@@ -2,9 +2,13 @@
 
     .venv/bin/python -m benchmarks.autoattack_cpu --workdir=runs/demo/bp_cnn --norm=linf --n=500
     .venv/bin/python -m benchmarks.autoattack_cpu --workdir=runs/demo/bp_cnn --norm=l2 --n=500
+    .venv/bin/python -m benchmarks.autoattack_cpu --workdir=runs/demo/ep_cnn --model=ep_cnn \
+        --norm=linf --n=50
 
 Needs the `bench` extra (torch, torchattacks) and a trained run of the cpu study's BP-CNN (the
-demo's `runs/demo/bp_cnn`). Both sides attack the same weights (PyTorch copy, logits checked) and
+demo's `runs/demo/bp_cnn`), or with `--model=ep_cnn` of its EP-CNN (`runs/demo/ep_cnn`; the
+reference is then the PyTorch EP model of `benchmarks/torch_ep.py`, BPTT through the same
+synchronous free phase). Both sides attack the same weights (PyTorch copy, logits checked) and
 the first `--n` Fashion-MNIST test images at Linf 8/255 or L2 1.0.
 
 The reference is torchattacks' components chained as AutoAttack's standard version at its
@@ -35,8 +39,10 @@ import torch
 from flax import nnx
 
 from benchmarks import fair, torch_attacks
+from benchmarks.torch_ep import TorchEP
 from eqrobust import models
 from eqrobust.configs import study
+from eqrobust.train import ep as ep_train
 from eqrobust.train import get_trainer
 from eqrobust.train.supervised import load_data
 
@@ -58,6 +64,12 @@ class _NCHW(torch.nn.Module):
 def _models(workdir: str, model: str, n: int):
     cfg = study.get_config("cpu").models[model]
     trained = get_trainer(cfg.trainer)(cfg, workdir)
+    if cfg.trainer == "ep":  # the EP-CNN: the PyTorch EP model (autograd of Phi, BPTT)
+        d = load_data(cfg)
+        epc = ep_train.build_ep_config(cfg, d)
+        tm = TorchEP(trained.state["params"], epc.energy).classifier(epc.t1, epc.update).eval()
+        x = np.asarray(d.x_test[:n], np.float32) / 255.0
+        return trained.classifier, tm, x, np.asarray(d.y_test[:n])
     d = load_data(cfg)
     m = models.build_model(cfg, d)
     nnx.update(m, trained.state["params"], trained.state["rest"])
@@ -72,7 +84,7 @@ def _models(workdir: str, model: str, n: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True, help="a trained run of the cpu study's BP-CNN")
+    ap.add_argument("--workdir", required=True, help="a trained run of the cpu study's model")
     ap.add_argument("--model", default="bp_cnn", help="key in study.py:cpu's models")
     ap.add_argument("--norm", default="linf", choices=sorted(EPS))
     ap.add_argument("--n", type=int, default=500)

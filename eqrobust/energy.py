@@ -601,10 +601,11 @@ def run_sync(
 ) -> States:
     """`steps` synchronous free-phase updates (`step`, beta = 0) from `states` (None: zeros,
     the first update then `from_zero`), with a hand-written reverse loop for backpropagation
-    through time: each backward step costs about one forward step (the update's Jacobian is
-    symmetric up to the activation, see `_sync_loop_bwd`), where autodiff of `step`
-    differentiates a gradient. Values and gradients are those of the plain loop of `step`
-    (tests compare them in float64). Reverse-mode only.
+    through time: each backward step runs the ops of one forward step (the update's Jacobian
+    is symmetric up to the activation, see `_sync_loop_bwd`), where autodiff of `step`
+    differentiates a gradient (1.4x slower on the cpu network, BUILD_NOTES). Values and
+    gradients are those of the plain loop of `step` (tests compare them in float64).
+    Reverse-mode only.
 
     Args:
       params, x, config: as in `step`; x [B, H, W, C] in [0, 1].
