@@ -552,8 +552,8 @@ def _sync_loop_fwd(params, xn, s0, steps, config):
 
 def _sync_loop_bwd(steps, config, res, ct):
     """The reverse loop. The drive is dPhi/ds, so its Jacobian in the states is the Hessian of
-    Phi, symmetric: the states' cotangent J^T v is the drive's Jacobian applied to v (same ops
-    and cost as a forward step, no transposed convs of transposed convs). Layer 0's routes are
+    Phi, symmetric: the states' cotangent J^T v is the drive's Jacobian applied to v (the ops
+    of a forward step, no transposed convs of transposed convs). Layer 0's routes are
     constant, so the input's cotangent is one transposed conv of the summed v_0. The params'
     cotangent (only when they are differentiated) is the VJP of the drive at the states."""
     params, xn, s0, routes0, tape = res

@@ -111,6 +111,12 @@ def _pool_bwd(masks, g: Array):
 _pool_first.defvjp(_pool_fwd, _pool_bwd)
 
 
+def _crop_even(u: Array) -> Array:
+    """u [B, H, W, C] without an odd trailing row / column (the pools' floor mode)."""
+    _, h, w, _ = u.shape
+    return u[:, : 2 * (h // 2), : 2 * (w // 2)]
+
+
 def max_pool_2x2(u: Array, impl: str = "auto") -> Array:
     """2x2 / stride-2 max pool (floor mode: odd trailing rows/cols dropped).
 
@@ -132,8 +138,7 @@ def max_pool_2x2(u: Array, impl: str = "auto") -> Array:
         raise ValueError(f"max pool impl must be one of {POOL_IMPLS}; got {impl!r}.")
     if resolve_impl("pool", impl) == "reduce_window":
         return jax.lax.reduce_window(u, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-    _, h, w, _ = u.shape
-    return _pool_first(u[:, : 2 * (h // 2), : 2 * (w // 2)])
+    return _pool_first(_crop_even(u))
 
 
 def max_pool_2x2_routes(u: Array) -> tuple[Array, tuple[Array, ...]]:
@@ -144,16 +149,14 @@ def max_pool_2x2_routes(u: Array) -> tuple[Array, tuple[Array, ...]]:
     u: [B, H, W, C] (odd trailing rows/cols dropped, floor mode). Not differentiable (use
     `max_pool_2x2` for that); for callers that keep the routes and apply `unpool_2x2` later.
     """
-    _, h, w, _ = u.shape
-    return _pool_fwd(u[:, : 2 * (h // 2), : 2 * (w // 2)])
+    return _pool_fwd(_crop_even(u))
 
 
 def pool_by_routes(u: Array, routes: tuple[Array, ...]) -> Array:
     """u [B, H, W, C] read through a max pool's routes (`max_pool_2x2_routes`): each window's
     routed entry, [B, H // 2, W // 2, C]. With u's own routes this is `max_pool_2x2(u)`,
     bitwise; for fixed routes it is linear in u, the transpose of `unpool_2x2`."""
-    _, h, w, _ = u.shape
-    u = u[:, : 2 * (h // 2), : 2 * (w // 2)]
+    u = _crop_even(u)
     parts = (u[:, 0::2, 0::2], u[:, 0::2, 1::2], u[:, 1::2, 0::2], u[:, 1::2, 1::2])
     z = jnp.zeros((), u.dtype)
     out = [jnp.where(e, a, z) for e, a in zip(routes, parts, strict=True)]
