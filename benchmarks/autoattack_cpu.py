@@ -64,19 +64,17 @@ class _NCHW(torch.nn.Module):
 def _models(workdir: str, model: str, n: int):
     cfg = study.get_config("cpu").models[model]
     trained = get_trainer(cfg.trainer)(cfg, workdir)
+    d = load_data(cfg)
     if cfg.trainer == "ep":  # the EP-CNN: the PyTorch EP model (autograd of Phi, BPTT)
-        d = load_data(cfg)
         epc = ep_train.build_ep_config(cfg, d)
         tm = TorchEP(trained.state["params"], epc.energy).classifier(epc.t1, epc.update).eval()
-        x = np.asarray(d.x_test[:n], np.float32) / 255.0
-        return trained.classifier, tm, x, np.asarray(d.y_test[:n])
-    d = load_data(cfg)
-    m = models.build_model(cfg, d)
-    nnx.update(m, trained.state["params"], trained.state["rest"])
-    tc = torch_attacks.TorchBPCNN(
-        d.image_shape, d.num_classes, tuple(cfg.model.channels), tuple(cfg.model.paddings)
-    )
-    tm = _NCHW(torch_attacks.load_from_nnx(tc, nnx.to_pure_dict(nnx.state(m)))).eval()
+    else:
+        m = models.build_model(cfg, d)
+        nnx.update(m, trained.state["params"], trained.state["rest"])
+        tc = torch_attacks.TorchBPCNN(
+            d.image_shape, d.num_classes, tuple(cfg.model.channels), tuple(cfg.model.paddings)
+        )
+        tm = _NCHW(torch_attacks.load_from_nnx(tc, nnx.to_pure_dict(nnx.state(m)))).eval()
     x = np.asarray(d.x_test[:n], np.float32) / 255.0
     y = np.asarray(d.y_test[:n])
     return trained.classifier, tm, x, y
