@@ -49,6 +49,22 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def _clip_slope(lo: float, hi: float, slope: float) -> Callable[[Array], Array]:
+    return lambda s: jnp.where((s > lo) & (s < hi), slope, 0.0).astype(s.dtype)
+
+
+# sigma'(u) as a function of s = sigma(u), where it is one, for the reverse loop of
+# `run_sync` (which then tapes the states instead of the slopes). At a kink of a hard sigmoid
+# (u exactly where the clip starts) autodiff takes half the slope and this zero: both are
+# subgradients, and a drive lands exactly on a kink with probability zero.
+SLOPE_OF_OUTPUT: dict[str, Callable[[Array], Array]] = {
+    "my_hard_sig": _clip_slope(0.0, 1.0, 0.5),
+    "hard_sigmoid": _clip_slope(0.0, 1.0, 1.0),
+    "ctrd_hard_sig": _clip_slope(-0.5, 0.5, 1.0),
+    "my_sigmoid": lambda s: 4.0 * s * (1.0 - s),
+}
+
+
 def get_activation(name: str) -> Callable[[Array], Array]:
     """Looks up an activation by name (one of `ACTIVATIONS`)."""
     if name not in ACTIVATIONS:
@@ -526,49 +542,74 @@ def _sync_loop(params: Params, xn: Array, s0: States, steps: int, config) -> Sta
     return jax.lax.fori_loop(0, steps, body, tuple(s0))
 
 
+def _slope(sigma: Callable[[Array], Array], d: Array) -> Array:
+    """sigma'(d) elementwise (every activation of `get_activation` is elementwise), so that
+    sigma's VJP at d is a product: one jvp with unit tangent, the same tie rules as autodiff."""
+    return jax.jvp(sigma, (d,), (jnp.ones_like(d),))[1]
+
+
 def _sync_loop_fwd(params, xn, s0, steps, config):
-    """The loop, carrying the drives d_t (s_{t+1} = sigma(d_t)) and taping them with the pools'
-    routes: what the reverse loop reads (the states before the first update too, when the
-    params are differentiated). The tape is written from the carry: on XLA:CPU taping the
-    freshly computed drives instead cost ~1 ms more per step (cpu network, batch 64)."""
+    """The loop, taping what the reverse loop reads: the routes of the pools after the first,
+    the states s_0..s_steps when the activation's slope is a function of its output
+    (`SLOPE_OF_OUTPUT`) or the params are differentiated, and otherwise the slopes
+    sigma'(d_t) at the drives. The tape is written from the carry, one update late. On
+    XLA:CPU the slopes cost ~1 ms per update more than the states (cpu network, batch 64):
+    a second consumer of the drives splits the transposed conv's col2im sum into nine
+    materialised terms, each summed twice; taping freshly computed values or carrying the
+    drives instead of the states cost as much (BUILD_NOTES)."""
     params_p = any(leaf.perturbed for leaf in jax.tree.leaves(params))
     params, xn, s0 = jax.tree.map(lambda leaf: leaf.value, (params, xn, s0))
     sigma = get_activation(config.activation)
+    by_output = config.activation in SLOPE_OF_OUTPUT
     pre0 = pre_activation(params, 0, xn, config)
     routes0 = _routes(pre0, 0, config)
-    d, routes = _loop_drives(params, pre0, routes0, tuple(s0), config)
-    tape = jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), (d, routes[1:]))
 
-    def body(t, carry):
-        d, routes, tape = carry
-        tape = jax.tree.map(lambda buf, a: buf.at[t].set(a), tape, (d, routes[1:]))
-        return (*_loop_drives(params, pre0, routes0, tuple(map(sigma, d)), config), tape)
+    def update(s):  # s_t -> s_{t+1} and what the reverse loop reads of update t
+        d, routes = _loop_drives(params, pre0, routes0, s, config)
+        slopes = () if by_output else tuple(_slope(sigma, u) for u in d)
+        return tuple(map(sigma, d)), (slopes, routes[1:])
 
-    d, routes, tape = jax.lax.fori_loop(0, steps - 1, body, (d, routes, tape))
-    tape = jax.tree.map(lambda buf, a: buf.at[steps - 1].set(a), tape, (d, routes[1:]))
-    res = (params, xn, tuple(s0) if params_p else None, routes0, tape)
-    return tuple(map(sigma, d)), res
+    def put(buf, t, a):
+        return jax.tree.map(lambda b, x: b.at[t].set(x), buf, a)
+
+    def zeros(a, n):
+        return jax.tree.map(lambda u: jnp.zeros((n, *u.shape), u.dtype), a)
+
+    s, rec = update(tuple(s0))
+    tape = zeros(rec, steps)
+    states = put(zeros(s, steps + 1), 0, s0) if by_output or params_p else None
+
+    def body(t, carry):  # update t; the tape gets update t - 1's record and s_t
+        s, rec, tape, states = carry
+        states = None if states is None else put(states, t, s)
+        return (*update(s), put(tape, t - 1, rec), states)
+
+    s, rec, tape, states = jax.lax.fori_loop(1, steps, body, (s, rec, tape, states))
+    tape, states = put(tape, steps - 1, rec), None if states is None else put(states, steps, s)
+    return s, (params, xn, routes0, tape, states, () if params_p else None)
 
 
 def _sync_loop_bwd(steps, config, res, ct):
     """The reverse loop. The drive is dPhi/ds, so its Jacobian in the states is the Hessian of
     Phi, symmetric: the states' cotangent J^T v is the drive's Jacobian applied to v (the ops
-    of a forward step, no transposed convs of transposed convs). Layer 0's routes are
-    constant, so the input's cotangent is one transposed conv of the summed v_0. The params'
-    cotangent (only when they are differentiated) is the VJP of the drive at the states."""
-    params, xn, s0, routes0, tape = res
-    sigma = get_activation(config.activation)
+    of a forward step, no transposed convs of transposed convs), v the cotangent times the
+    update's slopes. Layer 0's routes are constant, so the input's cotangent is one
+    transposed conv of the summed v_0. The params' cotangent (only when they are
+    differentiated) is the VJP of the drive at the taped states."""
+    params, xn, routes0, tape, states, params_p = res
     n = len(config.state_shapes)
     linear = tuple(Layer(layer.w, jnp.zeros_like(layer.b)) for layer in params)
+    slope_of = SLOPE_OF_OUTPUT.get(config.activation)
 
     def back(t, carry):
         c, dp, v0 = carry
-        d, routes = jax.tree.map(lambda buf: buf[t], tape)
+        slopes, routes = jax.tree.map(lambda buf: buf[t], tape)
         routes = [routes0, *routes]
-        v = [jax.vjp(sigma, u)[1](g)[0] for u, g in zip(d, c, strict=True)]
-        if s0 is not None:  # s_t: the input of update t (sigma of the drives before it)
-            prev = jax.tree.map(lambda buf: buf[jnp.maximum(t - 1, 0)], tape[0])
-            s = tuple(jnp.where(t > 0, sigma(u), a) for u, a in zip(prev, s0, strict=True))
+        if slope_of is not None:  # from s_{t+1} = sigma(d_t)
+            slopes = [slope_of(buf[t + 1]) for buf in states]
+        v = [a * g for a, g in zip(slopes, c, strict=True)]
+        if params_p is not None:  # at s_t, the input of update t
+            s = [buf[t] for buf in states]
             dp = jax.tree.map(jnp.add, dp, _params_vjp(params, xn, s, routes, v, config))
         pre_v = [None] + [pre_activation(linear, i, v[i - 1], config) for i in range(1, n)]
         return tuple(_drives(linear, pre_v, v, routes, config)), dp, v0 + v[0]
@@ -603,9 +644,10 @@ def run_sync(
     the first update then `from_zero`), with a hand-written reverse loop for backpropagation
     through time: each backward step runs the ops of one forward step (the update's Jacobian
     is symmetric up to the activation, see `_sync_loop_bwd`), where autodiff of `step`
-    differentiates a gradient (1.4x slower on the cpu network, BUILD_NOTES). Values and
-    gradients are those of the plain loop of `step` (tests compare them in float64).
-    Reverse-mode only.
+    differentiates a gradient (~1.6x slower on the cpu network, BUILD_NOTES). Values and
+    gradients are those of the plain loop of `step` (tests compare them in float64), except
+    where a drive lies exactly on a hard sigmoid's kink (`SLOPE_OF_OUTPUT`). Reverse-mode
+    only.
 
     Args:
       params, x, config: as in `step`; x [B, H, W, C] in [0, 1].

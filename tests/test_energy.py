@@ -190,6 +190,26 @@ def test_activations():
         energy.get_activation("relu6")
 
 
+@pytest.mark.parametrize("name", sorted(energy.SLOPE_OF_OUTPUT))
+def test_slope_of_output_is_the_activations_derivative(name):
+    # run_sync's reverse loop reads sigma'(u) from s = sigma(u): it must be autodiff's
+    # derivative everywhere but exactly at a hard sigmoid's kinks (there autodiff takes half
+    # the slope, the table zero).
+    sigma, slope = energy.get_activation(name), energy.SLOPE_OF_OUTPUT[name]
+    with jax.enable_x64(True):
+        u = jnp.asarray(np.random.default_rng(0).uniform(-6.0, 6.0, 10_000))
+        want = jax.vmap(jax.grad(sigma))(u)
+        got = slope(sigma(u))
+        assert got.dtype == u.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+        assert float(jnp.min(want)) == 0.0 or name == "my_sigmoid"  # both sides of the clip
+        kinks = {"my_hard_sig": (0.0, 2.0), "hard_sigmoid": (0.0, 1.0),
+                 "ctrd_hard_sig": (-0.5, 0.5)}.get(name, ())  # fmt: skip
+        for k in kinks:
+            half = float(jax.grad(sigma)(jnp.float64(k)))
+            assert float(slope(sigma(jnp.float64(k)))) == 0.0 and half > 0.0
+
+
 def test_paper_state_shapes():
     cfg = EnergyConfig(
         in_shape=(32, 32, 3),

@@ -209,8 +209,8 @@ def test_run_async_equals_repeated_step_async(e):
 @pytest.mark.parametrize("e", _ARCHS)
 def test_run_sync_backward_equals_autodiff_of_the_plain_loop(e):
     # run_sync's reverse loop uses the symmetry of the update's Jacobian (the Hessian of Phi)
-    # and taped drives and routes; values and gradients (params, input, initial states; every
-    # layer read, or only the readout) must be autodiff of a plain loop of `step`.
+    # and taped activation slopes and routes; values and gradients (params, input, initial states;
+    # every layer read, or only the readout) must be autodiff of a plain loop of `step`.
     with jax.enable_x64(True):
         params = _params(7, e, scale=2.0)
         x = jnp.asarray(np.random.default_rng(8).uniform(size=(4, *e.in_shape)))
@@ -253,6 +253,28 @@ def test_run_sync_backward_equals_autodiff_of_the_plain_loop(e):
             check_grads(lambda x: f(params, x, s0), (x,), 1, modes=["rev"])
     with pytest.raises(ValueError, match="steps must be >= 1"):
         energy.run_sync(params, x, s0, 0, config=e)
+
+
+def test_run_sync_tapes_the_slopes_of_an_activation_without_slope_of_output(monkeypatch):
+    # The reverse loop's fallback for an activation whose slope is not a function of its
+    # output (none of the built-in ones): it tapes sigma'(d_t). Same gradients.
+    e = _ARCHS[1]
+    with jax.enable_x64(True):
+        params = _params(7, e, scale=2.0)
+        x = jnp.asarray(np.random.default_rng(8).uniform(size=(4, *e.in_shape)))
+        s0 = tuple(
+            jnp.asarray(np.random.default_rng(9).uniform(size=(4, *shp))) for shp in e.state_shapes
+        )
+
+        def score(p, x, s):
+            return sum(jnp.sum(jnp.sin(a)) for a in energy.run_sync(p, x, s, 3, config=e))
+
+        want = jax.grad(score, (0, 1, 2))(params, x, s0)
+        monkeypatch.setattr(energy, "SLOPE_OF_OUTPUT", {})
+        got = jax.grad(score, (0, 1, 2))(params, x, s0)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        assert float(jnp.abs(got[1]).max()) > 1e-3
 
 
 @pytest.mark.parametrize("update", ["sync", "async"])
