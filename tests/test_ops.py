@@ -116,9 +116,13 @@ def test_routed_pool_is_the_pool_and_unpool_its_transpose(h, w, seed, ties):
     g = jnp.asarray(rng.standard_normal(pooled.shape), u.dtype)
     v = jnp.asarray(rng.standard_normal(u.shape), u.dtype)
     up = ops.unpool_2x2(routes, g, u.shape)
+    # Both sides hold the same float32 products; summed in float64 they differ by the order of
+    # the sum only (a float32 sum can cancel to ~1e-4 and lose its relative precision).
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     np.testing.assert_allclose(
-        jnp.sum(ops.pool_by_routes(v, routes) * g), jnp.sum(v * up), rtol=1e-5
-    )
+        np.sum(f64(ops.pool_by_routes(v, routes)) * f64(g)), np.sum(f64(v) * f64(up)),
+        rtol=1e-12, atol=1e-12,
+    )  # fmt: skip
     _, vjp = jax.vjp(lambda a: ops.max_pool_2x2(a, "reduce_window"), u)
     np.testing.assert_array_equal(vjp(g)[0], up)
 
