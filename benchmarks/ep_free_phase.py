@@ -321,13 +321,13 @@ def run_bptt(net: str, batch: int, steps: int, repeats: int) -> None:
         )
     )
     n = len(cfg.state_shapes)
-    drives = sum(math.prod(shp) for shp in cfg.state_shapes) * 4  # a state, float32
+    state = sum(math.prod(shp) for shp in cfg.state_shapes) * 4  # bytes of one state, float32
     routes = sum(4 * math.prod(cfg.conv_shapes[i]) for i in range(1, cfg.num_conv))
     res = fair.alternate(fns, repeats)
     print(
         f"\n== BPTT through {steps} synchronous steps, {net} network, batch {batch}, {n} layers; "
         f"largest relative gradient difference {diff:.1e}; run_sync's tape "
-        f"{batch * (steps * drives + (steps - 1) * routes) / 2**20:.1f} MiB"
+        f"{batch * (steps * state + (steps - 1) * routes) / 2**20:.1f} MiB"
     )
     for label, t in res.items():
         print(f"  {label:60s} {t.fmt()}")

@@ -209,8 +209,8 @@ def test_run_async_equals_repeated_step_async(e):
 @pytest.mark.parametrize("e", _ARCHS)
 def test_run_sync_backward_equals_autodiff_of_the_plain_loop(e):
     # run_sync's reverse loop uses the symmetry of the update's Jacobian (the Hessian of Phi)
-    # and taped activation slopes and routes; values and gradients (params, input, initial states;
-    # every layer read, or only the readout) must be autodiff of a plain loop of `step`.
+    # and taped states (slopes read from them) and routes; values and gradients (params, input,
+    # initial states; every layer read, or only the readout) must be autodiff of the plain loop.
     with jax.enable_x64(True):
         params = _params(7, e, scale=2.0)
         x = jnp.asarray(np.random.default_rng(8).uniform(size=(4, *e.in_shape)))
