@@ -1,5 +1,6 @@
 """Supervised training: learning, resume equivalence, determinism, errors, and the binary."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from eqrobust.configs import bp_cnn
+from eqrobust.configs import bp_cnn, ep_cnn
+from eqrobust.train import ep as ep_train
 from eqrobust.train import get_trainer, loop, supervised, workdir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,3 +246,57 @@ def test_workdir_lock_makes_a_second_trainer_wait(tmp_path):
         events.append("second in")
     t.join()
     assert events == ["first in", "first out", "second in"]
+
+
+_CONFIG_MODULES = (
+    "adv_cnn", "bp_cnn", "deq", "deq_study", "distill", "ep_cnn", "resnet18", "study", "vit"
+)  # fmt: skip
+
+
+def _field_paths(cfg, prefix=""):
+    for k, v in cfg.items():
+        yield f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _field_paths(v, f"{prefix}{k}.")
+
+
+@pytest.mark.parametrize("module", _CONFIG_MODULES)
+def test_no_config_field_is_named_like_a_configdict_attribute(module):
+    """`--config.a.update=...` finds ConfigDict's method `update`, not a field of that name (the
+    flag parser fails), so a field named like a ConfigDict attribute cannot be set from the
+    command line."""
+    mod = importlib.import_module(f"eqrobust.configs.{module}")
+    for scale in mod.SCALES:
+        paths = list(_field_paths(mod.get_config(scale)))
+        bad = [p for p in paths if hasattr(ml_collections.ConfigDict, p.rsplit(".", 1)[-1])]
+        assert not bad, f"{module}:{scale}: fields named like ConfigDict attributes: {bad}"
+
+
+def test_ep_update_order_is_set_from_the_command_line_and_reaches_the_ep_config():
+    code = (
+        "from absl import app; from ml_collections import config_flags; "
+        "C = config_flags.DEFINE_config_file('config'); "
+        "app.run(lambda argv: print(C.value.model.update_order))"
+    )  # the binaries' flag parsing (`--config.<field>=...` overrides)
+    config = "--config=experiments/configs/ep_cnn.py:smoke"
+    override = "--config.model.update_order=async"
+    for args, expected in (([config, override], "async"), ([config], "sync")):
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0 and out.stdout.split() == [expected], out.stderr[-2000:]
+    cfg = ep_cnn.get_config("smoke")
+    data = supervised.load_data(cfg)
+    assert ep_train.build_ep_config(cfg, data).update == "sync"
+    cfg.model.update_order = "async"
+    assert ep_train.build_ep_config(cfg, data).update == "async"
+
+
+def test_a_run_stored_under_a_renamed_config_field_still_loads():
+    cfg = ep_cnn.get_config("smoke")
+    stored = json.loads(json.dumps(cfg.to_dict(), default=repr))
+    stored["model"]["update"] = stored["model"].pop("update_order")  # as stored before the rename
+    assert loop.config_changes(stored, cfg) == []
+    stored["model"]["update"] = "async"
+    assert loop.config_changes(stored, cfg) == ["model.update_order: 'async' -> 'sync'"]

@@ -61,7 +61,9 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
             free_method="picard",
             free_stop="never",
             free_tol=1e-4,
-            update="sync",  # "async": even/odd layer updates (Scellier et al. 2023)
+            # "async": even/odd layer updates (Scellier et al. 2023). Not named `update`: that is
+            # ConfigDict's method, which `--config.model.update=...` would find instead.
+            update_order="sync",
             # Training phases in "bfloat16" (fp32 master weights): 1.6x TF32 on an H100, 99.76 %
             # prediction agreement on the trained cpu EP-CNN; slower on CPU (no native bf16).
             compute_dtype="float32",

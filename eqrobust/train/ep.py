@@ -32,6 +32,8 @@ def build_ep_config(config: ml_collections.ConfigDict, data: data_lib.Dataset) -
     std = m.get("std") or tuple(float(v) for v in data.std)
     std = tuple(float(s) * float(m.get("std_scale", 1.0) or 1.0) for s in std)
     fields = {k: v for k, v in m.items() if k not in _MODEL_EXTRA and k not in ("mean", "std")}
+    if "update_order" in fields:  # the config's name for EPConfig.update (see configs/ep_cnn.py)
+        fields["update"] = fields.pop("update_order")
     for k in ("solver_options", "implicit_options"):
         if k in fields and fields[k] is not None:
             fields[k] = dict(fields[k])

@@ -113,6 +113,10 @@ _NOT_TRAINING = frozenset(
 )  # fmt: skip
 
 
+# Config fields renamed since runs were stored: stored name -> current name (such runs still load).
+_RENAMED = {"model.update": "model.update_order"}
+
+
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in dict(d).items():
@@ -127,7 +131,7 @@ def config_changes(stored: dict, config: ml_collections.ConfigDict) -> list[str]
     """Training-relevant fields whose value differs between a run's stored config and `config`:
     'field: stored -> now' strings (fields in _NOT_TRAINING ignored)."""
     now = _flat(json.loads(json.dumps(config.to_dict(), default=repr)))
-    old = _flat(stored)
+    old = {_RENAMED.get(k, k): v for k, v in _flat(stored).items()}
     keys = sorted(k for k in set(now) | set(old) if k.split(".")[0] not in _NOT_TRAINING)
     return [f"{k}: {old.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in keys
             if old.get(k, "<absent>") != now.get(k, "<absent>")]  # fmt: skip
