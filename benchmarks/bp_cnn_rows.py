@@ -29,6 +29,7 @@ from flax import nnx
 from jax import lax
 
 from benchmarks import fair, torch_attacks
+from benchmarks.ep_free_phase import matmul_rate
 from eqrobust import models
 from eqrobust.models.cnn import BPCNN
 
@@ -98,14 +99,6 @@ def _torch_candidates(x: np.ndarray, y: np.ndarray, threads: list[int]) -> dict:
     return out
 
 
-def _matmul_rate() -> float:
-    """In-process float32 matmul rate (FLOP/s) of a [2048, 2048] product, best of 5."""
-    a = jnp.ones((2048, 2048), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
-    mm(a).block_until_ready()
-    return 2 * 2048**3 / fair.alternate({"mm": lambda: mm(a).block_until_ready()}, 5)["mm"].low
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=9)
@@ -122,7 +115,7 @@ def main() -> None:
     for name, t in res.items():
         print(f"  {name:36s} {1e6 * t.median / rows:7.1f} us  ({t.fmt()})")
     flop = 2 * _macs()
-    rate = _matmul_rate()
+    rate = matmul_rate()
     print(f"  FLOP floor of a forward pass: {flop / 1e6:.2f} MFLOP at {rate / 1e9:.0f} GFLOP/s "
           f"(in-process matmul) = {1e6 * flop / rate:.1f} us")  # fmt: skip
     for kind in ("forward", "gradient"):
