@@ -47,7 +47,7 @@ def _macs() -> int:
 
 def _jax_candidates(x: jax.Array, y: jax.Array) -> dict:
     out = {}
-    for impl in ("patches", "xla"):
+    for impl in ("patches", "xla", "xla_flip", "auto"):
         m = BPCNN(
             in_shape=SHAPE, num_classes=10, channels=CHANNELS, conv_impl=impl, rngs=nnx.Rngs(0)
         )

@@ -421,6 +421,7 @@ def _dynamics(
             k=krylov,
             top=1,
             batch_size=len(s.x),
+            mode="vjp",  # the "xla_flip" conv (CPU default) has no forward-mode rule
         )
         radius = tuple(tuple(float(v) for v in np.abs(e[:, 0])) for e in sp[:2])
     return DynamicsAnalysis(

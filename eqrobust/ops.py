@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -18,31 +19,47 @@ from eqrobust import compile_options
 
 Array = jax.Array
 
-CONV_IMPLS = ("auto", "xla", "patches")
+CONV_IMPLS = ("auto", "xla", "patches", "xla_flip")
 POOL_IMPLS = ("auto", "reshape", "reduce_window")
 
 # "auto" picks the formulation measured fastest on the backend the program is traced for (CPU,
-# accelerator): on XLA:CPU the patches conv and the strided-slice pool, several times faster in
-# while loops (benchmarks/ep_free_phase.py); on an H100, cuDNN's conv and again the strided-slice
-# pool (EP free phase 1729 steps/s vs 1591 with reduce_window, 1362 with patches; benchmarks/gpu.py,
-# BUILD_NOTES "Paper scale on one GPU"). Every choice computes the same function and gradient.
-_AUTO = {"conv": ("patches", "xla"), "pool": ("reshape", "reshape")}
+# accelerator): on XLA:CPU the strided-slice pool, several times faster in while loops
+# (benchmarks/ep_free_phase.py), and the conv by layer (`FLIP_MIN_CIN`); on an H100, cuDNN's
+# conv and again the strided-slice pool (EP free phase 1729 steps/s vs 1591 with reduce_window,
+# 1362 with patches; benchmarks/gpu.py, BUILD_NOTES "Paper scale on one GPU"). Every choice
+# computes the same function and gradient.
+_ACCELERATOR = {"conv": "xla", "pool": "reshape"}
+
+# "auto" on XLA:CPU, per layer: a conv with at least this many input channels runs as
+# "xla_flip", a thinner one (an image model's first layer) as "patches". Inside the attacks'
+# while loops (cpu BP-CNN, 16 -> 32 channels at 14 x 14, batch 250) the flipped form's forward
+# is ~2.4x the patches form's and its input gradient no slower; with 1 or 3 input channels
+# XLA:CPU's convolution is 1.5-3x slower than patches (BUILD_NOTES "Convolutions by layer").
+FLIP_MIN_CIN = 8
 
 
-def resolve_impl(kind: str, impl: str) -> str:
-    """The concrete formulation of `impl` ("auto" -> by `jax.default_backend()`).
+def resolve_impl(kind: str, impl: str, c_in: int | None = None) -> str:
+    """The concrete formulation of `impl` ("auto" -> by `jax.default_backend()` and layer).
 
     Args:
         kind: "conv" or "pool".
         impl: a member of CONV_IMPLS / POOL_IMPLS.
+        c_in: the conv's input channels (needed for kind "conv" with impl "auto").
 
     Returns:
-        impl itself, or for "auto": the CPU choice on "cpu", the accelerator choice otherwise.
+        impl itself, or for "auto": the accelerator's choice off CPU; on CPU the
+        strided-slice pool ("reshape"), and "xla_flip" for convs with >= FLIP_MIN_CIN input
+        channels, "patches" for thinner ones.
     """
     if impl != "auto":
         return impl
-    cpu, accelerator = _AUTO[kind]
-    return cpu if jax.default_backend() == "cpu" else accelerator
+    if jax.default_backend() != "cpu":
+        return _ACCELERATOR[kind]
+    if kind == "pool":
+        return "reshape"
+    if c_in is None:
+        raise ValueError("resolve_impl: conv 'auto' on CPU depends on the input channels c_in.")
+    return "xla_flip" if c_in >= FLIP_MIN_CIN else "patches"
 
 
 # --------------------------------------------------------------------------- convolution
@@ -56,24 +73,59 @@ def conv(x: Array, w: Array, padding: int, impl: str = "auto") -> Array:
         w: [k, k, C_in, C_out] (HWIO).
         padding: zero padding on each side of H and W.
         impl: "xla" (lax.conv_general_dilated; cuDNN on GPU), "patches" (k*k shifted slices
-            concatenated, then one matmul; several times faster on CPU, especially inside while
-            loops) or "auto" (by backend, `resolve_impl`). Same values up to rounding.
+            concatenated, then one matmul; much faster than "xla" on CPU inside while loops),
+            "xla_flip" (lax.conv with the input gradient as a forward lax.conv, `_conv_flip`;
+            not forward-mode differentiable) or "auto" (by backend and layer, `resolve_impl`).
+            Same values and gradients up to rounding.
 
     Returns:
         [B, H + 2 p - k + 1, W + 2 p - k + 1, C_out].
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}; got {impl!r}.")
-    if resolve_impl("conv", impl) == "patches":
+    impl = resolve_impl("conv", impl, w.shape[2])
+    if impl == "patches":
         k = w.shape[0]
         sp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
         ho, wo = sp.shape[1] - k + 1, sp.shape[2] - k + 1
         cols = [sp[:, i : i + ho, j : j + wo] for i in range(k) for j in range(k)]
         # [B, Ho, Wo, k*k*Cin] @ [k*k*Cin, Cout]; the (i, j, c) order matches HWIO's reshape.
         return jnp.concatenate(cols, axis=-1) @ w.reshape(-1, w.shape[-1])
+    dtype = jnp.result_type(x, w)  # lax.conv needs one dtype (the matmul above promotes)
+    x, w = x.astype(dtype), w.astype(dtype)
+    if impl == "xla_flip" and padding <= w.shape[0] - 1:
+        return _conv_flip(x, w, padding)
+    return _lax_conv(x, w, padding)
+
+
+def _lax_conv(x: Array, w: Array, padding: int) -> Array:
     return jax.lax.conv_general_dilated(
         x, w, (1, 1), [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_flip(x: Array, w: Array, padding: int) -> Array:
+    """`_lax_conv` whose input gradient is the forward conv of the cotangent with the kernel
+    flipped in space and transposed in channels, padding k - 1 - p: the numbers of JAX's
+    transpose rule, but XLA:CPU runs that rule's form (reversed kernel, swapped kernel
+    dimensions) ~50x slower inside while loops and this one at forward speed (BUILD_NOTES)."""
+    return _lax_conv(x, w, padding)
+
+
+def _conv_flip_fwd(x: Array, w: Array, padding: int):
+    return _lax_conv(x, w, padding), (x, w)
+
+
+def _conv_flip_bwd(padding: int, res, g: Array):
+    x, w = res
+    dx = _lax_conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3), w.shape[0] - 1 - padding)
+    # The kernel's gradient (training; XLA drops it when unused) by JAX's own rule.
+    dw = jax.vjp(lambda w: _lax_conv(x, w, padding), w)[1](g)[0]
+    return dx, dw
+
+
+_conv_flip.defvjp(_conv_flip_fwd, _conv_flip_bwd)
 
 
 # --------------------------------------------------------------------------- max pool

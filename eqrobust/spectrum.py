@@ -157,9 +157,11 @@ def ep_map(params: Any, config: ep.EPConfig) -> FixedPointMap:
     """The EP free-phase map f(s, x) = sigma(dPhi/ds (x, s)) of a trained EP-CNN.
 
     The max pool is switched to "reduce_window" (the same function and first-maximum gradient as
-    the default "reshape" formulation, whose custom VJP cannot be pushed forward by `jvp`).
+    the default "reshape" formulation, whose custom VJP cannot be pushed forward by `jvp`), and
+    an "xla_flip" conv (custom VJP too) to "xla".
     """
-    cfg = dataclasses.replace(config.energy, pool="reduce_window")
+    conv = "xla" if config.energy.conv == "xla_flip" else config.energy.conv
+    cfg = dataclasses.replace(config.energy, pool="reduce_window", conv=conv)
     return lambda s, x: ep.energy.step(params, x, s, config=cfg)
 
 
@@ -193,6 +195,7 @@ def spectrum_clean_vs_adversarial(
     batch_size: int = 64,
     key: Array | None = None,
     unit_tol: float = 1e-3,
+    mode: str = "jvp",
 ) -> SpectrumComparison:
     """The distribution of leading eigenvalues at s*(x) vs s*(x_adv).
 
@@ -204,6 +207,8 @@ def spectrum_clean_vs_adversarial(
         batch_size: examples per compiled call.
         key: PRNG key for the start vectors (same per example for x and x_adv).
         unit_tol: |lambda| >= 1 - unit_tol counts as a unit eigenvalue in the summary.
+        mode: "jvp" (J v) or "vjp" (J^T v, same eigenvalues; for maps that are not
+            forward-mode differentiable, e.g. with the "xla_flip" conv).
 
     Returns:
         `SpectrumComparison`.
@@ -218,7 +223,7 @@ def spectrum_clean_vs_adversarial(
         for i in range(0, xs.shape[0], batch_size):
             xb = jnp.asarray(xs[i : i + batch_size])
             kb = jax.random.fold_in(key, i)
-            eigs.append(leading_eigenvalues(f, fp(xb), xb, k=k, top=top, key=kb))
+            eigs.append(leading_eigenvalues(f, fp(xb), xb, k=k, top=top, key=kb, mode=mode))
         out.append(np.concatenate(eigs))
     summary = _summary(np.abs(out[0][:, 0]), "clean", unit_tol)
     summary.update(_summary(np.abs(out[1][:, 0]), "adversarial", unit_tol))

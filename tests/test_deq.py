@@ -289,3 +289,26 @@ def test_group_norm_matches_pytorch_definition_in_float64(shape, groups):
             order=2,
             modes=("rev",),
         )
+
+
+@pytest.mark.parametrize("impl", ["auto", "xla_flip", "patches"])
+def test_conv_formulations_give_the_same_deq(x64, impl):
+    """The cpu default "auto" (patches below 8 input channels, else the flipped lax.conv) is
+    the same model as lax.conv: logits and input gradients through the Broyden solve and the
+    phantom unroll agree in float64 (this model has convs on both sides of the threshold)."""
+    x = _x()
+    out = {}
+    for conv in (impl, "xla"):
+        m = DEQNet(
+            in_shape=(12, 12, 1), num_classes=3, channels=(4, 8), expansion=2, num_groups=2,
+            dropout=0.0, head_channels=(2, 4), final_channels=8, stem_strides=(2,),
+            conv_impl=conv, solver=DEQSolver(f_max_iter=8, f_tol=1e-3), rngs=nnx.Rngs(0),
+        )  # fmt: skip
+        m = _to64(m)
+        m.eval()
+        graphdef, state = nnx.split(m)
+        f = jax.jit(lambda x, st=state, g=graphdef: nnx.merge(g, st).equilibrium(x).logits)
+        out[conv] = (f(x), jax.grad(lambda x, f=f: jnp.sum(jnp.sin(f(x))))(x))
+    np.testing.assert_allclose(out[impl][0], out["xla"][0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(out[impl][1], out["xla"][1], rtol=1e-7, atol=1e-10)
+    assert float(jnp.max(jnp.abs(out["xla"][1]))) > 1e-6  # a gradient that can disagree

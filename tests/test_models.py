@@ -95,11 +95,12 @@ def test_max_pool_matches_flax_pool_on_odd_sizes():
     assert jnp.array_equal(max_pool_2x2(h), nnx.max_pool(h, (2, 2), strides=(2, 2)))
 
 
-def test_conv_impls_agree_in_value_and_input_gradient():
+@pytest.mark.parametrize("impl", ["patches", "xla_flip", "auto"])
+def test_conv_impls_agree_in_value_and_input_gradient(impl):
     with jax.enable_x64(True):
         x = jax.random.uniform(jax.random.PRNGKey(3), (3, 28, 28, 1), jnp.float64)
         a, b = small(), small()  # same seed: same weights
-        b.conv_impl = "xla"
+        a.conv_impl, b.conv_impl = impl, "xla"
         fa, fb = logits_fn(a), logits_fn(b)
         assert jnp.allclose(fa(x), fb(x), atol=1e-10)
         ga = jax.grad(lambda x: jnp.sum(fa(x) ** 2))(x)

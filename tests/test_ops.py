@@ -37,25 +37,73 @@ def test_patches_conv_matches_xla_in_value_and_gradient(padding):
         ops.conv(x, w, 1, "fft")
 
 
-def test_auto_formulations_follow_the_backend(monkeypatch):
+def test_auto_formulations_follow_the_backend_and_layer(monkeypatch):
     assert ops.resolve_impl("conv", "xla") == "xla" and ops.resolve_impl("pool", "reshape") == (
         "reshape"
     )
     assert jax.default_backend() == "cpu"  # the test suite runs on CPU (CI has no GPU)
-    assert (ops.resolve_impl("conv", "auto"), ops.resolve_impl("pool", "auto")) == (
-        "patches",
-        "reshape",
-    )
+    # On CPU: patches for thin first layers, the flipped lax.conv from FLIP_MIN_CIN channels on.
+    assert ops.resolve_impl("conv", "auto", 1) == ops.resolve_impl("conv", "auto", 3) == "patches"
+    assert ops.resolve_impl("conv", "auto", ops.FLIP_MIN_CIN) == "xla_flip"
+    assert ops.resolve_impl("conv", "auto", 64) == "xla_flip"
+    assert ops.resolve_impl("pool", "auto") == "reshape"
+    with pytest.raises(ValueError, match="input channels"):
+        ops.resolve_impl("conv", "auto")
+    # The EP energy keeps patches on CPU for every layer (energy.conv_impl).
+    from eqrobust import energy
+
+    assert energy.conv_impl("auto") == "patches" and energy.conv_impl("xla_flip") == "xla_flip"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert (ops.resolve_impl("conv", "auto"), ops.resolve_impl("pool", "auto")) == (
+    assert (ops.resolve_impl("conv", "auto", 64), ops.resolve_impl("pool", "auto")) == (
         "xla",
         "reshape",
     )
+    assert energy.conv_impl("auto") == "auto"  # ops.conv resolves it: cuDNN's conv
+    monkeypatch.undo()
     # "auto" is the same function whichever formulation it resolves to.
     x = jax.random.uniform(jax.random.key(0), (2, 6, 6, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
     np.testing.assert_allclose(ops.conv(x, w, 1, "auto"), ops.conv(x, w, 1, "patches"), atol=1e-5)
     np.testing.assert_array_equal(ops.max_pool_2x2(x, "auto"), ops.max_pool_2x2(x, "reshape"))
+
+
+@pytest.mark.parametrize("k,padding", [(3, 0), (3, 1), (3, 2), (5, 2), (3, 3)])
+def test_flipped_conv_matches_lax_conv_in_value_and_gradients(k, padding):
+    """ "xla_flip" is lax.conv with a hand-written input gradient (the cotangent convolved with the
+    flipped, channel-transposed kernel): float64 values and both gradients equal lax.conv's, and
+    its gradients pass finite differences to second order (EP differentiates the energy's
+    gradient). Padding 3 > k - 1 takes the plain lax.conv path."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)))
+        w = jnp.asarray(rng.standard_normal((k, k, 3, 4)))
+        r = jnp.asarray(rng.standard_normal(ops.conv(x, w, padding, "xla").shape))
+        np.testing.assert_allclose(
+            ops.conv(x, w, padding, "xla_flip"), ops.conv(x, w, padding, "xla"), rtol=1e-12
+        )
+        for argnum in (0, 1):
+            loss = lambda x, w, i: jnp.sum(jnp.sin(ops.conv(x, w, padding, i)) * r)  # noqa: E731
+            ga, gb = (jax.grad(loss, argnum)(x, w, i) for i in ("xla_flip", "xla"))
+            np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-12)
+        f = lambda x, w: jnp.sin(ops.conv(x, w, padding, "xla_flip"))  # noqa: E731
+        check_grads(f, (x, w), order=2, modes=["rev"])
+
+
+def test_flipped_conv_gradient_inside_a_loop_and_no_forward_mode():
+    """Where the attacks run it: the input gradient inside a fori_loop (each step reading the
+    last) equals lax.conv's; forward mode is refused loudly rather than silently wrong."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.uniform(size=(4, 10, 10, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) * 0.2, jnp.float32)
+
+    def descend(impl):
+        g = jax.grad(lambda z: jnp.sum(jnp.tanh(ops.conv(z, w, 1, impl)) ** 2))
+        return jax.jit(lambda z: jax.lax.fori_loop(0, 5, lambda i, z: z - 0.01 * g(z), z))(x)
+
+    np.testing.assert_allclose(descend("xla_flip"), descend("xla"), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(descend("xla_flip"), x)  # the loop moved the input
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda z: ops.conv(z, w, 1, "xla_flip"), (x,), (x,))
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 6, 3), (1, 5, 9, 2), (3, 2, 3, 1)])

@@ -300,3 +300,16 @@ def test_a_run_stored_under_a_renamed_config_field_still_loads():
     assert loop.config_changes(stored, cfg) == []
     stored["model"]["update"] = "async"
     assert loop.config_changes(stored, cfg) == ["model.update_order: 'async' -> 'sync'"]
+
+
+def test_a_run_stored_with_another_conv_formulation_still_loads():
+    """The formulation fields compute the same function (tests/test_ops.py), so a DEQ run stored
+    with conv "xla" (the default before "auto") resumes; a real architecture change does not."""
+    from eqrobust.configs import deq as deq_configs
+
+    cfg = deq_configs.get_config("smoke")
+    stored = json.loads(json.dumps(cfg.to_dict(), default=repr))
+    stored["model"]["conv"], stored["model"]["pool"] = "xla", "reduce_window"
+    assert loop.config_changes(stored, cfg) == []
+    stored["model"]["expansion"] = 3
+    assert loop.config_changes(stored, cfg) == [f"model.expansion: 3 -> {cfg.model.expansion!r}"]

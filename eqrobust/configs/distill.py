@@ -68,9 +68,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
             kernel_size=tm.kernel_size,
             fc=tm.fc,
             activation=tm.activation,
-            # XLA's conv: the same function as the teacher's "patches" formulation (which wins
-            # only inside while loops); 3-4x the feedforward throughput on CPU.
-            conv="xla",
+            # By backend and layer (ops.resolve_impl; the same function as the teacher's
+            # "patches"): on CPU patches for the first conv, "xla_flip" for the rest. Against
+            # lax.conv ("xla"): PGD-20 6.4x faster, a training gradient 1.2x slower (BUILD_NOTES
+            # "Convolutions by layer"); the attacks are most of a student's time. cuDNN's conv
+            # on accelerators.
+            conv="auto",
             pool=tm.pool,
             mean=tm.mean,  # None: training-set statistics, as the teacher
             std=tm.std,

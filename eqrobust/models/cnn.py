@@ -80,10 +80,7 @@ class BPCNN(nnx.Module):
         ops.check_images(x, self.in_shape, "BPCNN")
         h = ops.normalize(x, self.mean.value, self.std.value)
         for conv, norm, p in zip(self.convs, self.norms, self.paddings):
-            if ops.resolve_impl("conv", self.conv_impl) == "patches":
-                h = ops.conv(h, conv.kernel.get_value(), p, "patches") + conv.bias.get_value()
-            else:
-                h = conv(h)
+            h = ops.conv(h, conv.kernel.get_value(), p, self.conv_impl) + conv.bias.get_value()
             h = max_pool_2x2(nnx.relu(norm(h)))
         return self.head(h.reshape(h.shape[0], -1))
 

@@ -17,7 +17,7 @@ from eqrobust import ops, solvers
 from eqrobust.classifier import Classifier, Dynamics, GradientPath
 from eqrobust.models.registry import register_model
 
-CONV_IMPLS = ("xla", "patches")
+CONV_IMPLS = ops.CONV_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +84,13 @@ class DEQOutput(NamedTuple):
 
 
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, impl: str = "xla") -> jax.Array:
-    """NHWC conv with 'same' padding k // 2 (PyTorch's padding=k//2); w: [k, k, Cin, Cout]."""
+    """NHWC conv with 'same' padding k // 2 (PyTorch's padding=k//2); w: [k, k, Cin, Cout].
+
+    impl: "xla" (lax.conv) or a formulation of `ops.conv` ("patches", "xla_flip", "auto"),
+    used for the stride-1 k > 1 convs (the rest are lax.conv or a matmul)."""
     k = w.shape[0]
-    if stride == 1 and impl == "patches" and k > 1:
-        return ops.conv(x, w, k // 2, "patches")
+    if stride == 1 and impl != "xla" and k > 1:
+        return ops.conv(x, w, k // 2, impl)
     if k == 1 and stride == 1:
         return x @ w[0, 0]
     return lax.conv_general_dilated(
@@ -340,7 +343,7 @@ class DEQNet(nnx.Module):
         head_channels: Sequence[int] = (14, 28, 56, 112),
         final_channels: int = 1680,
         stem_strides: Sequence[int] = (1,),
-        conv_impl: str = "xla",
+        conv_impl: str = "auto",
         solver: DEQSolver = DEQSolver(),
         rngs: nnx.Rngs,
     ):
@@ -734,7 +737,7 @@ def build_deq(m: Any, data: Any, rngs: nnx.Rngs) -> DEQNet:
         head_channels=tuple(m.head_channels),
         final_channels=int(m.final_channels),
         stem_strides=tuple(m.stem_strides),
-        conv_impl=m.get("conv", "xla"),
+        conv_impl=m.get("conv", "auto"),
         solver=solver_from_config(m),
         rngs=rngs,
     )

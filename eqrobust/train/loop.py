@@ -113,6 +113,10 @@ _NOT_TRAINING = frozenset(
 )  # fmt: skip
 
 
+# Formulation fields: every choice computes the same function and gradient (tests/test_ops.py),
+# so a run stored with one resumes under another (e.g. the DEQ's conv "xla" -> "auto").
+_FORMULATION = frozenset({"model.conv", "model.pool"})
+
 # Config fields renamed since runs were stored: stored name -> current name (such runs still load).
 _RENAMED = {"model.update": "model.update_order"}
 
@@ -129,10 +133,13 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(stored: dict, config: ml_collections.ConfigDict) -> list[str]:
     """Training-relevant fields whose value differs between a run's stored config and `config`:
-    'field: stored -> now' strings (fields in _NOT_TRAINING ignored)."""
+    'field: stored -> now' strings (fields in _NOT_TRAINING and _FORMULATION ignored)."""
     now = _flat(json.loads(json.dumps(config.to_dict(), default=repr)))
     old = {_RENAMED.get(k, k): v for k, v in _flat(stored).items()}
-    keys = sorted(k for k in set(now) | set(old) if k.split(".")[0] not in _NOT_TRAINING)
+    keys = sorted(
+        k for k in set(now) | set(old)
+        if k.split(".")[0] not in _NOT_TRAINING and k not in _FORMULATION
+    )  # fmt: skip
     return [f"{k}: {old.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in keys
             if old.get(k, "<absent>") != now.get(k, "<absent>")]  # fmt: skip
 
