@@ -65,8 +65,8 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=1e-4)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument("--conv", choices=("patches", "xla"), default="patches",
-                   help="BPCNN conv_impl of our side (patches: the CPU default)")  # fmt: skip
+    p.add_argument("--conv", choices=("auto", "patches", "xla", "xla_flip"), default="auto",
+                   help="BPCNN conv_impl of our side (auto: by backend and layer)")  # fmt: skip
     args = p.parse_args()
     args.channels = tuple(args.channels)
     if args.threads:

@@ -10,8 +10,10 @@ batch 250, 9 calls (2250 images), in two ways:
 - as 9 separate jitted calls (what a microbenchmark usually measures);
 - inside one `lax.fori_loop` of 9 iterations, each depending on the last (what the attacks run);
 
-for both conv formulations (`conv="patches"`, the CPU default, and `"xla"`, `lax.conv`), against
-PyTorch at 1 and 2 intra-op threads (forward under `no_grad`; gradient by `backward()`).
+for each conv formulation (`"patches"`; `"xla"`, `lax.conv`; `"xla_flip"`, `lax.conv` with the
+input gradient as a forward conv of the flipped kernel; `"auto"`, the CPU default: patches for
+the first conv, xla_flip for the second), against PyTorch at 1 and 2 intra-op threads (forward
+under `no_grad`; gradient by `backward()`).
 The FLOP floor line is the model's multiply-adds at the in-process float32 matmul rate.
 Protocol: `benchmarks/fair.py` (alternating rounds, median and spread, load).
 """

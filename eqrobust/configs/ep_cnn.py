@@ -50,8 +50,9 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
             fc=(),
             activation="my_hard_sig",
             output="softmax",
-            # Formulations by backend (ops.resolve_impl): strided-slice pool + patches conv on
-            # CPU, reduce_window + cuDNN on GPU; the same function and first-max gradient.
+            # Formulations by backend (ops.resolve_impl, energy.conv_impl): strided-slice pool +
+            # patches conv on CPU, strided-slice pool + cuDNN on GPU; the same function and
+            # first-max gradient.
             pool="auto",
             conv="auto",
             mean=ml_collections.config_dict.placeholder(tuple),  # None: training-set statistics

@@ -50,9 +50,10 @@ class BPCNN(nnx.Module):
         rngs: nnx.Rngs,
     ):
         """See the class docstring; `conv_impl` is "patches" (k*k shifted slices + one matmul,
-        fast on CPU, especially inside the attacks' while loops), "xla" (lax.conv, cuDNN on
-        GPU) or "auto" (by backend at trace time, `ops.resolve_impl`). All compute the same
-        function with the same parameters."""
+        fast on CPU for thin layers), "xla" (lax.conv, cuDNN on GPU), "xla_flip" (lax.conv
+        with a fast input gradient inside the attacks' loops on CPU) or "auto" (by backend and
+        layer at trace time, `ops.resolve_impl`). All compute the same function with the same
+        parameters."""
         if conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
         self.conv_impl = conv_impl
