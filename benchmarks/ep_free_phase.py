@@ -89,9 +89,8 @@ VARIANTS = (
     ("jax while-loop, reduce_window pool + xla conv", "reduce_window", "xla"),
     ("jax while-loop, slice pool + xla conv", "reshape", "xla"),
     ("jax while-loop, reduce_window pool + patches conv", "reduce_window", "patches"),
-    ("jax while-loop, slice pool + patches conv", "reshape", "patches"),
     ("jax while-loop, slice pool + xla_flip conv", "reshape", "xla_flip"),
-    ("jax while-loop, slice pool + conv by layer (patches, xla_flip) [default]", "reshape", "auto"),
+    ("jax while-loop, slice pool + patches conv [default]", "reshape", "patches"),
 )
 DEFAULT = VARIANTS[-1][0]
 
