@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,28 +30,42 @@ POOL_IMPLS = ("auto", "reshape", "reduce_window")
 # computes the same function and gradient.
 _ACCELERATOR = {"conv": "xla", "pool": "reshape"}
 
-# "auto" on XLA:CPU, per layer: a conv with at least this many input channels runs as
-# "xla_flip", a thinner one (an image model's first layer) as "patches". Per conv inside a
-# while loop (16 -> 32 channels at 14 x 14) the flipped form's forward is ~2.4x the patches
+# "auto" on XLA:CPU, per layer: a conv with at least FLIP_MIN_CIN input channels, "same"
+# padding (2 p = k - 1, so its input gradient is a same-padded conv too) and an input of at
+# least FLIP_MIN_SIZE pixels a side runs as "xla_flip"; any other as "patches". Per conv inside
+# a while loop (16 -> 32 channels at 14 x 14) the flipped form's forward is ~2.4x the patches
 # form's and its input gradient as fast; with 1 or 3 input channels XLA:CPU's convolution is
-# 1.5-3x slower than patches. Whole models: PGD through the DEQ 1.5x faster than with patches
-# and 2.65x than with "xla"; the BP-CNN's AutoAttack unchanged (BUILD_NOTES "Convolutions by
-# layer").
+# 1.5-3x slower than patches. Its input gradient with padding k - 1 - p = 2 (an unpadded
+# forward) is 7-37x slower than patches' (512 -> 512 at 4 x 4, the paper networks' last conv),
+# and at 4 x 4 even a same-padded one is 1.5x slower. Whole models: PGD through the DEQ 1.5x
+# faster than with patches and 2.65x than with "xla"; the BP-CNN's AutoAttack unchanged
+# (BUILD_NOTES "Convolutions by layer").
 FLIP_MIN_CIN = 8
+FLIP_MIN_SIZE = 7
 
 
-def resolve_impl(kind: str, impl: str, c_in: int | None = None) -> str:
+class ConvShape(NamedTuple):
+    """What the CPU's per-layer choice reads of a stride-1 conv: input channels, kernel side,
+    zero padding per side and the input's smaller spatial side."""
+
+    c_in: int
+    kernel: int
+    padding: int
+    size: int
+
+
+def resolve_impl(kind: str, impl: str, shape: ConvShape | None = None) -> str:
     """The concrete formulation of `impl` ("auto" -> by `jax.default_backend()` and layer).
 
     Args:
         kind: "conv" or "pool".
         impl: a member of CONV_IMPLS / POOL_IMPLS.
-        c_in: the conv's input channels (needed for kind "conv" with impl "auto").
+        shape: the conv's `ConvShape` (needed for kind "conv" with impl "auto").
 
     Returns:
         impl itself, or for "auto": the accelerator's choice off CPU; on CPU the
         strided-slice pool ("reshape"), and "xla_flip" for convs with >= FLIP_MIN_CIN input
-        channels, "patches" for thinner ones.
+        channels, same padding and inputs of >= FLIP_MIN_SIZE a side, "patches" for others.
     """
     if impl != "auto":
         return impl
@@ -59,12 +73,14 @@ def resolve_impl(kind: str, impl: str, c_in: int | None = None) -> str:
         return _ACCELERATOR[kind]
     if kind == "pool":
         return "reshape"
-    if c_in is None:
-        raise ValueError("resolve_impl: conv 'auto' on CPU depends on the input channels c_in.")
-    return "xla_flip" if c_in >= FLIP_MIN_CIN else "patches"
-
-
-# --------------------------------------------------------------------------- convolution
+    if shape is None:
+        raise ValueError("resolve_impl: conv 'auto' on CPU depends on the conv's ConvShape.")
+    flip = (
+        shape.c_in >= FLIP_MIN_CIN
+        and 2 * shape.padding == shape.kernel - 1
+        and shape.size >= FLIP_MIN_SIZE
+    )
+    return "xla_flip" if flip else "patches"
 
 
 def conv(x: Array, w: Array, padding: int, impl: str = "auto") -> Array:
@@ -85,7 +101,7 @@ def conv(x: Array, w: Array, padding: int, impl: str = "auto") -> Array:
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}; got {impl!r}.")
-    impl = resolve_impl("conv", impl, w.shape[2])
+    impl = resolve_impl("conv", impl, ConvShape(w.shape[2], w.shape[0], padding, min(x.shape[1:3])))
     if impl == "patches":
         k = w.shape[0]
         sp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))

@@ -42,19 +42,40 @@ def test_auto_formulations_follow_the_backend_and_layer(monkeypatch):
         "reshape"
     )
     assert jax.default_backend() == "cpu"  # the test suite runs on CPU (CI has no GPU)
-    # On CPU: patches for thin first layers, the flipped lax.conv from FLIP_MIN_CIN channels on.
-    assert ops.resolve_impl("conv", "auto", 1) == ops.resolve_impl("conv", "auto", 3) == "patches"
-    assert ops.resolve_impl("conv", "auto", ops.FLIP_MIN_CIN) == "xla_flip"
-    assert ops.resolve_impl("conv", "auto", 64) == "xla_flip"
+    # On CPU: patches for thin first layers, unpadded convs and tiny inputs; the flipped
+    # lax.conv for same-padded convs from FLIP_MIN_CIN channels and FLIP_MIN_SIZE pixels on.
+    shape = ops.ConvShape(c_in=16, kernel=3, padding=1, size=14)
+    assert ops.resolve_impl("conv", "auto", shape) == "xla_flip"
+    assert ops.resolve_impl("conv", "auto", shape._replace(c_in=ops.FLIP_MIN_CIN)) == "xla_flip"
+    assert ops.resolve_impl("conv", "auto", shape._replace(size=ops.FLIP_MIN_SIZE)) == "xla_flip"
+    assert ops.resolve_impl("conv", "auto", shape._replace(kernel=5, padding=2)) == "xla_flip"
+    for thin in (
+        shape._replace(c_in=1),
+        shape._replace(c_in=3),
+        shape._replace(padding=0),  # the paper networks' last conv (512 -> 512 at 4 x 4)
+        shape._replace(kernel=5, padding=1),
+        shape._replace(size=4),
+    ):
+        assert ops.resolve_impl("conv", "auto", thin) == "patches", thin
     assert ops.resolve_impl("pool", "auto") == "reshape"
-    with pytest.raises(ValueError, match="input channels"):
+    with pytest.raises(ValueError, match="ConvShape"):
         ops.resolve_impl("conv", "auto")
+    # ops.conv hands its own shape to the rule.
+    calls = []
+    flip = ops._conv_flip
+    monkeypatch.setattr(ops, "_conv_flip", lambda *a: calls.append(a[2]) or flip(*a))
+    w16 = jnp.ones((3, 3, 16, 4))
+    for side, padding, flipped in ((8, 1, True), (8, 0, False), (4, 1, False)):
+        calls.clear()
+        ops.conv(jnp.ones((2, side, side, 16)), w16, padding, "auto")
+        assert bool(calls) == flipped, (side, padding)
+    monkeypatch.undo()
     # The EP energy keeps patches on CPU for every layer (energy.conv_impl).
     from eqrobust import energy
 
     assert energy.conv_impl("auto") == "patches" and energy.conv_impl("xla_flip") == "xla_flip"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert (ops.resolve_impl("conv", "auto", 64), ops.resolve_impl("pool", "auto")) == (
+    assert (ops.resolve_impl("conv", "auto", shape), ops.resolve_impl("pool", "auto")) == (
         "xla",
         "reshape",
     )
