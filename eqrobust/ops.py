@@ -36,7 +36,8 @@ _ACCELERATOR = {"conv": "xla", "pool": "reshape"}
 # a while loop (16 -> 32 channels at 14 x 14) the flipped form's forward is ~2.4x the patches
 # form's and its input gradient as fast; with 1 or 3 input channels XLA:CPU's convolution is
 # 1.5-3x slower than patches. Its input gradient with padding k - 1 - p = 2 (an unpadded
-# forward) is 7-37x slower than patches' (512 -> 512 at 4 x 4, the paper networks' last conv),
+# forward) at 4 x 4 is 3-62x slower than patches' (64 or 512 channels at batch 4 or 64; 512 ->
+# 512 at 4 x 4 is the paper networks' last conv),
 # and at 4 x 4 even a same-padded one is 1.5x slower. Whole models: PGD through the DEQ 1.5x
 # faster than with patches and 2.65x than with "xla"; the BP-CNN's AutoAttack unchanged
 # (BUILD_NOTES "Convolutions by layer").
@@ -81,6 +82,9 @@ def resolve_impl(kind: str, impl: str, shape: ConvShape | None = None) -> str:
         and shape.size >= FLIP_MIN_SIZE
     )
     return "xla_flip" if flip else "patches"
+
+
+# --------------------------------------------------------------------------- convolution
 
 
 def conv(x: Array, w: Array, padding: int, impl: str = "auto") -> Array:
