@@ -37,10 +37,10 @@ _ACCELERATOR = {"conv": "xla", "pool": "reshape"}
 # form's and its input gradient as fast; with 1 or 3 input channels XLA:CPU's convolution is
 # 1.5-3x slower than patches. Its input gradient with padding k - 1 - p = 2 (an unpadded
 # forward) at 4 x 4 is 3-62x slower than patches' (64 or 512 channels at batch 4 or 64; 512 ->
-# 512 at 4 x 4 is the paper networks' last conv),
-# and at 4 x 4 even a same-padded one is 1.5x slower. Whole models: PGD through the DEQ 1.5x
-# faster than with patches and 2.65x than with "xla"; the BP-CNN's AutoAttack unchanged
-# (BUILD_NOTES "Convolutions by layer").
+# 512 at 4 x 4 is the paper networks' last conv), and at 4 x 4 even a same-padded one is 1.5x
+# slower. Whole models: PGD through the DEQ 1.5x faster than with patches and 2.65x than with
+# "xla"; the BP-CNN's AutoAttack unchanged (BUILD_NOTES "Convolutions by layer" and "The
+# per-layer rule refined").
 FLIP_MIN_CIN = 8
 FLIP_MIN_SIZE = 7
 
