@@ -79,9 +79,11 @@ def _cpu_config(scale: str) -> ml_collections.ConfigDict:
             head_channels=(16, 32),
             final_channels=256,
             stem_strides=(2,),
-            # By backend and layer (ops.resolve_impl): "xla_flip" on CPU, whose input gradient
-            # inside while loops is ~2.6x faster for PGD through the DEQ than lax.conv's own
-            # transpose (BUILD_NOTES "Convolutions by layer"); cuDNN's conv on accelerators.
+            # By backend and layer (ops.resolve_impl): on CPU "xla_flip" for the same-padded
+            # 3 x 3 convs on inputs of >= 7 pixels (every one at this scale), whose input
+            # gradient inside while loops is ~2.6x faster for PGD through the DEQ than
+            # lax.conv's own transpose (BUILD_NOTES "Convolutions by layer"); patches for the
+            # others; cuDNN's conv on accelerators.
             conv="auto",
             # solver (torchdeq names)
             f_solver="broyden",

@@ -69,10 +69,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
             fc=tm.fc,
             activation=tm.activation,
             # By backend and layer (ops.resolve_impl; the same function as the teacher's
-            # "patches"): on CPU patches for the first conv, "xla_flip" for the rest. Against
-            # lax.conv ("xla"): PGD-20 6.4x faster, a training gradient 1.2x slower (BUILD_NOTES
-            # "Convolutions by layer"); the attacks are most of a student's time. cuDNN's conv
-            # on accelerators.
+            # "patches"): on CPU patches for the first conv and for unpadded or tiny ones,
+            # "xla_flip" for the rest. Against lax.conv ("xla"): PGD-20 6.4x faster, a training
+            # gradient 1.2x slower (BUILD_NOTES "Convolutions by layer"); the attacks are most
+            # of a student's time. cuDNN's conv on accelerators.
             conv="auto",
             pool=tm.pool,
             mean=tm.mean,  # None: training-set statistics, as the teacher
